@@ -1,0 +1,67 @@
+"""Data stage: COCO / COCO-ReM, synthetic shape scenes and a photo fixture -> `Sample` records.
+
+    samples, report = load_samples(cfg.data)
+
+`cfg.data.kind` picks the source; synthetic and fixture data are first written to disk as COCO
+datasets under `cfg.data.root`, then all three kinds go through the same COCO loader and
+filters (`vlmloc.data.coco.load_coco`). `report` lists each filter's kept/dropped counts.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from vlmloc.data.coco import DataError, Filters, load_coco
+from vlmloc.data.sample import Sample
+
+__all__ = ["DataError", "Filters", "Sample", "load_samples"]
+
+KINDS = ("coco", "synthetic", "fixture")
+
+
+def load_samples(data_cfg: Any) -> tuple[list[Sample], list[dict[str, Any]]]:
+    """`data` config (DictConfig or mapping) -> (samples sorted by (image_id, ann_id), filter report)."""
+    cfg = _plain(data_cfg)
+    kind = cfg.get("kind")
+    if kind == "coco":
+        annotations, images = Path(_required(cfg, "annotations")), Path(_required(cfg, "images"))
+    elif kind == "synthetic":
+        from vlmloc.data.synthetic import ensure_synthetic
+
+        annotations = ensure_synthetic(_required(cfg, "root"), cfg.get("split", "heldout"), cfg.get("synthetic"))
+        images = annotations.parent / "images"
+    elif kind == "fixture":
+        from vlmloc.data.fixture import ensure_fixture
+
+        annotations = ensure_fixture(_required(cfg, "root"))
+        images = annotations.parent / "images"
+    else:
+        raise DataError(f"data.kind must be one of {list(KINDS)}, got {kind!r} (pick a config: data=coco|synthetic|fixture)")
+    return load_coco(annotations, images, filters=cfg.get("filters"), n=cfg.get("n"), seed=cfg.get("seed", 0))
+
+
+def _plain(data_cfg: Any) -> dict[str, Any]:
+    """Resolve an OmegaConf config to plain containers; missing values become DataErrors."""
+    try:
+        from omegaconf import DictConfig, OmegaConf
+        from omegaconf.errors import InterpolationResolutionError, MissingMandatoryValue
+    except ImportError:  # pragma: no cover - omegaconf is a dependency
+        DictConfig = None  # type: ignore[assignment,misc]
+    if DictConfig is not None and isinstance(data_cfg, DictConfig):
+        try:
+            return OmegaConf.to_container(data_cfg, resolve=True, throw_on_missing=True)  # type: ignore[return-value]
+        except MissingMandatoryValue as e:
+            raise DataError(f"data.{e.full_key} is required (it is ??? in the config): pass data.{e.full_key}=...") from e
+        except InterpolationResolutionError as e:
+            raise DataError(f"cannot resolve the data config: {e}") from e
+    if isinstance(data_cfg, Mapping):
+        return dict(data_cfg)
+    raise DataError(f"load_samples needs the `data` config (a mapping), got {type(data_cfg).__name__}")
+
+
+def _required(cfg: Mapping[str, Any], key: str) -> Any:
+    if cfg.get(key) in (None, "", "???"):
+        raise DataError(f"data.{key} is required for data.kind={cfg.get('kind')}: pass data.{key}=...")
+    return cfg[key]

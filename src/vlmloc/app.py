@@ -1,0 +1,108 @@
+"""The Hydra application: compose the config, check inputs, run one experiment, record provenance.
+
+Each experiment is a module `vlmloc.experiments.<name>` with `run(ctx: RunContext) -> None`.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import random
+import time
+from dataclasses import dataclass, field
+from functools import cached_property
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from omegaconf import DictConfig
+
+from vlmloc.data import Sample, load_samples
+from vlmloc.models import VLMAdapter, load_adapter
+from vlmloc.models.loading import check_weights
+from vlmloc.results import ResultStore, provenance, write_run_json
+
+log = logging.getLogger("vlmloc")
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+@dataclass
+class RunContext:
+    """What an experiment gets: the config, its run directory and store, and lazy data and model."""
+
+    cfg: DictConfig
+    run_dir: Path
+    started: float = field(default_factory=time.time)
+
+    @cached_property
+    def store(self) -> ResultStore:
+        return ResultStore(self.run_dir)
+
+    @cached_property
+    def _data(self) -> tuple[list[Sample], list[dict[str, Any]]]:
+        return load_samples(self.cfg.data)
+
+    @property
+    def samples(self) -> list[Sample]:
+        return self._data[0]
+
+    @property
+    def filter_report(self) -> list[dict[str, Any]]:
+        return self._data[1]
+
+    @cached_property
+    def adapter(self) -> VLMAdapter:
+        return load_adapter(self.cfg.model)
+
+    def check_inputs(self) -> None:
+        """Fail fast, before any heavy work: data present and well formed, weights findable."""
+        log.info("%d samples from data=%s", len(self.samples), self.cfg.data.name)
+        if self.cfg.model.path is not None:
+            check_weights(self.cfg.model)
+
+    def write_provenance(self, **extra: Any) -> None:
+        """run.json: config, code, library versions, model facts, device, seed, wall time."""
+        ad = self.adapter
+        model_info = {
+            "name": str(self.cfg.model.name),
+            "family": ad.family,
+            "model_id": str(self.cfg.model.path) if self.cfg.model.path is not None else f"tiny:{self.cfg.model.name}",
+            "revision": getattr(ad.model.config, "_commit_hash", None) or self.cfg.model.revision,
+            "n_layers": ad.n_layers,
+            "n_heads": ad.n_heads,
+            "head_dim": ad.head_dim,
+        }
+        info = provenance(
+            self.cfg,
+            model_info=model_info,
+            seed=int(self.cfg.seed),
+            device=str(ad.device),
+            dtype=str(ad.model.dtype),
+            attn_implementation=str(ad.model.config._attn_implementation),
+            started=self.started,
+        )
+        info["data"] = {"n_samples": len(self.samples), "filters": self.filter_report}
+        info.update(extra)
+        write_run_json(self.run_dir, info)
+
+
+def run(cfg: DictConfig, run_dir: Path) -> None:
+    """Run `cfg.experiment.name` into `run_dir`."""
+    seed_everything(int(cfg.seed))
+    name = str(cfg.experiment.name)
+    try:
+        module = importlib.import_module(f"vlmloc.experiments.{name}")
+    except ModuleNotFoundError as err:
+        if err.name != f"vlmloc.experiments.{name}":
+            raise
+        raise ValueError(f"unknown experiment {name!r}: no module vlmloc.experiments.{name}") from None
+    ctx = RunContext(cfg=cfg, run_dir=Path(run_dir))
+    ctx.run_dir.mkdir(parents=True, exist_ok=True)
+    ctx.check_inputs()
+    module.run(ctx)

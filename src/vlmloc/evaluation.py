@@ -1,0 +1,148 @@
+"""Evaluate classification and localization on samples, in batches, under one condition.
+
+Classification (yes_no mode, the default): one forward pass per batch; P(yes) vs P(no) from the
+next-token distribution; correct when the object is present (always, for these samples) and
+yes wins. Open mode: generate an answer; correct when it names the category (or a synonym from
+the sample's meta) or starts with a yes word.
+Localization: greedy generation, the family's box parser, IoU with the ground-truth box; hits at
+IoU >= 0.5 / 0.7 / 0.9; an unparseable answer is a miss (IoU 0) kept with its raw text.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import re
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any, ContextManager
+
+import pandas as pd
+from tqdm.auto import tqdm
+
+from vlmloc import geometry
+from vlmloc.data.sample import Sample
+from vlmloc.engine.runner import generate, next_token_logprobs, yes_probability
+from vlmloc.models.adapter import PreparedBatch, VLMAdapter
+
+IOU_THRESHOLDS = (0.5, 0.7, 0.9)
+# A hook factory installs an intervention for one prepared batch (see vlmloc.engine); the default
+# installs nothing.
+HookFactory = Callable[[PreparedBatch, Sequence[Sample]], ContextManager[Any]]
+
+
+def _no_hooks(batch: PreparedBatch, samples: Sequence[Sample]) -> ContextManager[Any]:
+    return contextlib.nullcontext()
+
+
+def length_order(adapter: VLMAdapter, samples: Sequence[Sample], task: str) -> list[int]:
+    """Indices of samples sorted by prompt length (visual tokens first), so batches pad little."""
+
+    def key(i: int) -> tuple[int, int, str]:
+        s = samples[i]
+        return (adapter.n_visual_tokens(s.width, s.height), len(adapter.prompt(task, s.category)), s.sample_id)
+
+    return sorted(range(len(samples)), key=key)
+
+
+def _batches(order: list[int], batch_size: int) -> Iterator[list[int]]:
+    for start in range(0, len(order), batch_size):
+        yield order[start : start + batch_size]
+
+
+def evaluate(
+    adapter: VLMAdapter,
+    samples: Sequence[Sample],
+    tasks: Sequence[str],
+    *,
+    batch_size: int,
+    condition: str = "baseline",
+    hooks: HookFactory = _no_hooks,
+    progress: bool = True,
+) -> pd.DataFrame:
+    """One row per sample x task (results schema), in the order of `samples` then `tasks`."""
+    frames = []
+    for task in tasks:
+        rows: dict[int, dict[str, Any]] = {}
+        order = length_order(adapter, samples, task)
+        bar = tqdm(total=len(order), desc=f"{condition}:{task}", disable=not progress, leave=False)
+        for idx in _batches(order, batch_size):
+            chunk = [samples[i] for i in idx]
+            batch = adapter.prepare([s.load_image() for s in chunk], [adapter.prompt(task, s.category) for s in chunk])
+            with hooks(batch, chunk):
+                results = _run_task(adapter, batch, chunk, task)
+            for i, sample, res in zip(idx, chunk, results):
+                rows[i] = {**_base_row(sample, task, condition), **res}
+            bar.update(len(idx))
+        bar.close()
+        frames.append(pd.DataFrame([rows[i] for i in range(len(samples))]))
+    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
+
+
+def _base_row(sample: Sample, task: str, condition: str) -> dict[str, Any]:
+    return {
+        "sample_id": sample.sample_id,
+        "image_id": int(sample.image_id),
+        "ann_id": int(sample.ann_id),
+        "category": sample.category,
+        "task": task,
+        "condition": condition,
+        "width": int(sample.width),
+        "height": int(sample.height),
+        "area_frac": float(sample.area) / float(sample.width * sample.height),
+        "gt_box": [float(v) for v in sample.box_xyxy],
+    }
+
+
+def _run_task(adapter: VLMAdapter, batch: PreparedBatch, chunk: Sequence[Sample], task: str) -> list[dict[str, Any]]:
+    if task == "classification":
+        if str(adapter.cfg.classification.mode) == "yes_no":
+            p_yes = yes_probability(adapter, next_token_logprobs(adapter, batch))
+            return [classification_outcome(float(p)) for p in p_yes]
+        answers = generate(adapter, batch, int(adapter.cfg.classification.max_new_tokens))
+        return [open_classification_outcome(adapter, a, s) for a, s in zip(answers, chunk)]
+    if task == "localization":
+        answers = generate(adapter, batch, int(adapter.cfg.localization.max_new_tokens))
+        return [localization_outcome(adapter, a, s) for a, s in zip(answers, chunk)]
+    raise ValueError(f"unknown task {task!r}")
+
+
+def classification_outcome(p_yes: float) -> dict[str, Any]:
+    """Yes/no scoring: the object is present, so the answer is correct when yes wins."""
+    return {
+        "answer": "yes" if p_yes > 0.5 else "no",
+        "p_yes": p_yes,
+        "correct": bool(p_yes > 0.5),
+        "pred_box": None,
+        "iou": math.nan,
+        "hit_50": None,
+        "hit_70": None,
+        "hit_90": None,
+    }
+
+
+def open_classification_outcome(adapter: VLMAdapter, answer: str, sample: Sample) -> dict[str, Any]:
+    """Open answers: correct when the answer names the category (or a synonym) or starts with yes."""
+    names = [sample.category, *sample.meta.get("synonyms", [])]
+    named = any(re.search(rf"\b{re.escape(n)}s?\b", answer, flags=re.IGNORECASE) for n in names)
+    yes = any(answer.strip().lower().startswith(str(w).lower()) for w in adapter.cfg.classification.yes_words)
+    out = classification_outcome(math.nan)
+    out.update(answer=answer, correct=bool(named or yes))
+    return out
+
+
+def localization_outcome(adapter: VLMAdapter, answer: str, sample: Sample) -> dict[str, Any]:
+    """Parse the family's box answer, score IoU and the three hit thresholds."""
+    pred = adapter.parse_box(answer, sample.width, sample.height)
+    iou = geometry.box_iou(pred, sample.box_xyxy)
+    hit = geometry.hits(iou, IOU_THRESHOLDS)
+    return {
+        "answer": answer,
+        "p_yes": math.nan,
+        "pred_box": None if pred is None else [float(v) for v in pred],
+        "iou": float(iou),
+        "hit_50": hit[0.5],
+        "hit_70": hit[0.7],
+        "hit_90": hit[0.9],
+        "correct": hit[0.5],
+    }
+

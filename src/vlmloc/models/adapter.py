@@ -1,0 +1,183 @@
+"""The model adapter interface: one subclass per VLM family.
+
+An adapter owns everything family-specific: loading (hub id or local path, dtype, device,
+attention implementation), prompts, the processor call, the box answer format, the visual
+layout of a prepared batch, and the module handles the intervention engine needs. It knows
+nothing about experiments or result files.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+from omegaconf import DictConfig
+from PIL import Image
+from torch import nn
+
+from vlmloc.models.layout import VisualLayout
+
+TASKS = ("classification", "localization")
+Box = tuple[float, float, float, float]
+
+
+@dataclass
+class PreparedBatch:
+    """A processor output on the model's device plus one VisualLayout per row.
+
+    inputs: input_ids / attention_mask [batch, seq], position_ids [batch, seq] (left padding
+    aware), pixel_values [n_images_or_tiles, 3, H, W].
+    """
+
+    inputs: dict[str, torch.Tensor]
+    layouts: list[VisualLayout]
+
+    @property
+    def batch_size(self) -> int:
+        return int(self.inputs["input_ids"].shape[0])
+
+    @property
+    def seq_len(self) -> int:
+        return int(self.inputs["input_ids"].shape[1])
+
+
+class VLMAdapter(ABC):
+    """Family-independent surface of a loaded VLM. Subclasses fill in the family facts."""
+
+    family: ClassVar[str]
+
+    def __init__(self, model: nn.Module, processor: Any, cfg: DictConfig, device: torch.device) -> None:
+        self.model = model
+        self.processor = processor
+        self.tokenizer = processor.tokenizer
+        self.cfg = cfg
+        self.device = device
+        self.yes_ids = self._answer_token_ids(cfg.classification.yes_words)
+        self.no_ids = self._answer_token_ids(cfg.classification.no_words)
+        if set(self.yes_ids) & set(self.no_ids):
+            raise ValueError(f"yes and no answers share first tokens {set(self.yes_ids) & set(self.no_ids)}")
+
+    # ------------------------------------------------------------------ module handles
+    @property
+    def language_model(self) -> nn.Module:
+        """The decoder stack (LlamaModel / Qwen3Model): model.model.language_model."""
+        return self.model.model.language_model
+
+    @property
+    def projector(self) -> nn.Module:
+        return self.model.model.multi_modal_projector
+
+    @property
+    def vision_tower(self) -> nn.Module:
+        return self.model.model.vision_tower
+
+    @property
+    def layers(self) -> nn.ModuleList:
+        return self.language_model.layers
+
+    @property
+    def n_layers(self) -> int:
+        return len(self.layers)
+
+    @property
+    def text_config(self) -> Any:
+        return self.model.config.text_config
+
+    @property
+    def n_heads(self) -> int:
+        return int(self.text_config.num_attention_heads)
+
+    @property
+    def head_dim(self) -> int:
+        hd = getattr(self.text_config, "head_dim", None)
+        return int(hd) if hd else int(self.text_config.hidden_size // self.n_heads)
+
+    @property
+    def image_token_id(self) -> int:
+        return int(self.model.config.image_token_id)
+
+    def self_attn(self, layer: int) -> nn.Module:
+        return self.layers[layer].self_attn
+
+    def o_proj(self, layer: int) -> nn.Module:
+        """Input is [batch, seq, n_heads * head_dim], head-major: head h is slice h*head_dim:(h+1)*head_dim."""
+        return self.layers[layer].self_attn.o_proj
+
+    # ------------------------------------------------------------------ prompts
+    @property
+    def image_placeholder(self) -> str:
+        return self.processor.image_token
+
+    def question(self, task: str, category: str) -> str:
+        if task not in TASKS:
+            raise ValueError(f"unknown task {task!r}; expected one of {TASKS}")
+        return str(self.cfg.prompts[task]).format(category=category)
+
+    def prompt(self, task: str, category: str) -> str:
+        """The full chat-formatted prompt text, with the family's image placeholder."""
+        return str(self.cfg.prompts.template).format(
+            image=self.image_placeholder, question=self.question(task, category)
+        )
+
+    def _answer_token_ids(self, words: Sequence[str]) -> list[int]:
+        """First token id of each answer word as it follows the prompt (context-aware, deduplicated)."""
+        ctx = str(self.cfg.prompts.template).format(image="", question="q")
+        ctx_ids = self.tokenizer.encode(ctx, add_special_tokens=False)
+        ids: list[int] = []
+        for word in words:
+            full = self.tokenizer.encode(ctx + str(self.cfg.classification.answer_prefix) + word, add_special_tokens=False)
+            if full[: len(ctx_ids)] != ctx_ids or len(full) == len(ctx_ids):
+                raise ValueError(
+                    f"answer word {word!r} does not tokenize as a continuation of the prompt; "
+                    "check model.classification.answer_prefix"
+                )
+            if full[len(ctx_ids)] not in ids:
+                ids.append(full[len(ctx_ids)])
+        return ids
+
+    # ------------------------------------------------------------------ batches
+    def prepare(self, images: Sequence[Image.Image], texts: Sequence[str]) -> PreparedBatch:
+        """Run the processor with left padding; add left-padding-aware position ids and layouts."""
+        enc = self.processor(
+            images=list(images), text=list(texts), return_tensors="pt", padding=True, **self.processor_kwargs()
+        )
+        inputs = {k: v for k, v in enc.items() if isinstance(v, torch.Tensor)}
+        if self.tokenizer.padding_side != "left":
+            raise ValueError("the tokenizer must pad on the left for batched generation")
+        mask = inputs["attention_mask"]
+        inputs["position_ids"] = (mask.long().cumsum(-1) - 1).clamp(min=0)
+        layouts = [
+            self.layout(inputs["input_ids"][i], im.width, im.height) for i, im in enumerate(images)
+        ]
+        inputs = {k: v.to(self.device) for k, v in inputs.items()}
+        if "pixel_values" in inputs:
+            inputs["pixel_values"] = inputs["pixel_values"].to(self.model.dtype)
+        return PreparedBatch(inputs=inputs, layouts=layouts)
+
+    def processor_kwargs(self) -> dict[str, Any]:
+        """Extra keyword arguments for the processor call (family specific)."""
+        return {}
+
+    def visual_positions(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """[seq] ids of one row -> [n_visual] sequence positions of the image tokens, ascending."""
+        return torch.nonzero(input_ids == self.image_token_id).flatten().cpu()
+
+    # ------------------------------------------------------------------ family specifics
+    @abstractmethod
+    def n_visual_tokens(self, width: int, height: int) -> int:
+        """How many visual tokens an image of this size becomes (without running the processor)."""
+
+    @abstractmethod
+    def layout(self, input_ids: torch.Tensor, width: int, height: int) -> VisualLayout:
+        """VisualLayout of one row given its [seq] input ids and the original image size."""
+
+    @abstractmethod
+    def parse_box(self, text: str, width: int, height: int) -> Box | None:
+        """The family's box answer -> xyxy in original pixels, or None when unparseable."""
+
+    @abstractmethod
+    def format_box(self, xyxy: Sequence[float], width: int, height: int) -> str:
+        """xyxy in original pixels -> the family's box answer text (for supervision and tests)."""

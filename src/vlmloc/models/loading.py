@@ -1,0 +1,162 @@
+"""Load a VLM adapter from the `model` config: a hub id, a local folder, or a tiny random build.
+
+Every check that can fail without touching weights runs first, so a bad path or a missing
+download fails in seconds with a message that says what to do.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import DictConfig
+
+from vlmloc.models.adapter import VLMAdapter
+from vlmloc.models.internvl import InternVLAdapter
+from vlmloc.models.llava import LlavaAdapter
+
+log = logging.getLogger("vlmloc.models")
+
+ADAPTERS: dict[str, type[VLMAdapter]] = {"llava": LlavaAdapter, "internvl": InternVLAdapter}
+_MODEL_TYPES = {"llava": "llava", "internvl": "internvl"}
+_WEIGHT_GLOBS = ("*.safetensors", "*.bin", "*.safetensors.index.json", "*.bin.index.json")
+# Example corpus for tiny tokenizers: any other word is still spelled from the byte alphabet.
+_TINY_WORDS = ("cat", "person", "cup", "rocket", "dog", "car", "circle", "square", "triangle", "star")
+
+
+class ModelLoadError(RuntimeError):
+    """The configured weights cannot be found or do not match the configured family."""
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    """"auto" is bf16 on CUDA and fp32 on CPU (CPU bf16 matmuls are slow and less exact)."""
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    try:
+        return {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.float16,
+                "fp16": torch.float16, "float32": torch.float32, "fp32": torch.float32}[name]
+    except KeyError:
+        raise ValueError(f"unknown dtype {name!r}; use auto, bfloat16, float16 or float32") from None
+
+
+def check_weights(cfg: DictConfig) -> None:
+    """Fail fast when `model.path` points at nothing usable. Reads only config.json."""
+    path = str(cfg.path)
+    family = str(cfg.family)
+    local = Path(path).expanduser()
+    how = (
+        f"download it once where a network is available, e.g. `hf download {cfg.hub_id} --local-dir /models/{cfg.name}`, "
+        f"then run with model.path=/models/{cfg.name}"
+    )
+    if local.exists() or path.startswith(("/", ".", "~")):
+        if not local.is_dir():
+            raise ModelLoadError(f"model.path={path} is not a folder. {how}")
+        missing = [f for f in ("config.json",) if not (local / f).exists()]
+        if not any(any(local.glob(g)) for g in _WEIGHT_GLOBS):
+            missing.append("weights (*.safetensors or *.bin)")
+        if not any((local / f).exists() for f in ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")):
+            missing.append("tokenizer files (tokenizer.json / tokenizer_config.json)")
+        if missing:
+            raise ModelLoadError(f"model.path={path} lacks {', '.join(missing)}. {how}")
+    from transformers import AutoConfig
+
+    try:
+        hf_cfg = AutoConfig.from_pretrained(path, revision=cfg.revision)
+    except Exception as err:  # hub unreachable, not cached, or not a model repo
+        raise ModelLoadError(f"cannot read the model config for {path!r} ({type(err).__name__}: {err}). {how}") from err
+    if hf_cfg.model_type != _MODEL_TYPES[family]:
+        raise ModelLoadError(
+            f"{path} is a {hf_cfg.model_type!r} checkpoint but model.family={family!r} expects "
+            f"{_MODEL_TYPES[family]!r}; use a transformers-native checkpoint (e.g. {cfg.hub_id})"
+        )
+
+
+def _load_processor(family: str, path: str, revision: str | None) -> Any:
+    """Tokenizer + PIL image processor from the checkpoint's files (no torchvision needed)."""
+    from transformers import AutoTokenizer, GotOcr2ImageProcessorPil, LlavaImageProcessorPil, LlavaProcessor
+
+    from vlmloc.models.processors import InternVLImageProcessor
+
+    tok = AutoTokenizer.from_pretrained(path, revision=revision)
+    tok.padding_side = "left"
+    if family == "llava":
+        from transformers import AutoConfig
+
+        mcfg = AutoConfig.from_pretrained(path, revision=revision)
+        return LlavaProcessor(
+            image_processor=LlavaImageProcessorPil.from_pretrained(path, revision=revision),
+            tokenizer=tok,
+            patch_size=int(mcfg.vision_config.patch_size),
+            vision_feature_select_strategy=mcfg.vision_feature_select_strategy,
+            num_additional_image_tokens=1,
+        )
+    return InternVLImageProcessor(
+        image_processor=GotOcr2ImageProcessorPil.from_pretrained(path, revision=revision),
+        tokenizer=tok,
+        image_seq_length=256,
+    )
+
+
+def tiny_corpus(cfg: DictConfig) -> list[str]:
+    """Texts a tiny tokenizer is trained on: the configured prompts and answers."""
+    adapter_cls = ADAPTERS[str(cfg.family)]
+    placeholder = "<image>" if adapter_cls is LlavaAdapter else "<IMG_CONTEXT>"
+    texts = []
+    for word in _TINY_WORDS:
+        for task in ("classification", "localization"):
+            q = str(cfg.prompts[task]).format(category=word)
+            texts.append(str(cfg.prompts.template).format(image=placeholder, question=q))
+    prefix = str(cfg.classification.answer_prefix)
+    # Answer words repeated so that each becomes one token, as in real vocabularies.
+    texts += [prefix + w for w in list(cfg.classification.yes_words) + list(cfg.classification.no_words)] * 50
+    texts += [f"[0.{i:02d}, 0.{(i * 7) % 100:02d}, 0.{(i * 3) % 100:02d}, 0.{(i * 11) % 100:02d}]" for i in range(100)]
+    texts += [f"<ref>{w}</ref><box>[[{i}, {i * 3}, {i * 7}, {i * 9}]]</box>" for i, w in enumerate(_TINY_WORDS)]
+    return texts * 4
+
+
+def load_adapter(cfg: DictConfig) -> VLMAdapter:
+    """Build the family adapter for `cfg` (the `model` config group)."""
+    family = str(cfg.family)
+    if family not in ADAPTERS:
+        raise ValueError(f"model.family={family!r} is not one of {sorted(ADAPTERS)}")
+    device = resolve_device(str(cfg.device))
+    dtype = resolve_dtype(str(cfg.dtype), device)
+    attn = str(cfg.attn_implementation)
+    if cfg.path is None:
+        from vlmloc.models.tiny import build_tiny
+
+        if cfg.get("tiny") is None:
+            raise ModelLoadError(f"model {cfg.name}: set model.path (hub id or local folder) to load real weights")
+        model, processor = build_tiny(family, cfg.tiny, tiny_corpus(cfg))
+        model.set_attn_implementation(attn)
+        model.to(device=device, dtype=dtype)
+    else:
+        check_weights(cfg)
+        cls = _model_class(family)
+        kwargs: dict[str, Any] = {"revision": cfg.revision, "dtype": dtype, "attn_implementation": attn}
+        if cfg.device_map is not None:
+            kwargs["device_map"] = cfg.device_map
+        log.info("loading %s from %s (%s, %s)", cls.__name__, cfg.path, dtype, attn)
+        model = cls.from_pretrained(str(cfg.path), **kwargs)
+        if cfg.device_map is None:
+            model.to(device)
+        else:
+            device = model.get_input_embeddings().weight.device
+        processor = _load_processor(family, str(cfg.path), cfg.revision)
+    model.eval()
+    model.requires_grad_(False)
+    return ADAPTERS[family](model, processor, cfg, device)
+
+
+def _model_class(family: str) -> type:
+    from transformers import InternVLForConditionalGeneration, LlavaForConditionalGeneration
+
+    return {"llava": LlavaForConditionalGeneration, "internvl": InternVLForConditionalGeneration}[family]
