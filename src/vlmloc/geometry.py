@@ -27,7 +27,7 @@ Box = tuple[float, float, float, float]
 
 # Cell edges that should be integers (e.g. 3 * 400/24 + 100) can come out as 149.9999999;
 # edges are snapped by this tolerance so floor/ceil do not pick up a neighbouring pixel.
-_EDGE_EPS = 0.0
+_EDGE_EPS = 1e-6
 
 
 # --------------------------------------------------------------------------- token grids

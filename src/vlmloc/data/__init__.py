@@ -53,7 +53,8 @@ def _plain(data_cfg: Any) -> dict[str, Any]:
         try:
             return OmegaConf.to_container(data_cfg, resolve=True, throw_on_missing=True)  # type: ignore[return-value]
         except MissingMandatoryValue as e:
-            raise DataError(f"data.{e.full_key} is required (it is ??? in the config): pass data.{e.full_key}=...") from e
+            key = e.full_key if str(e.full_key).startswith("data.") else f"data.{e.full_key}"
+            raise DataError(f"{key} is required (it is ??? in the config): pass {key}=...") from e
         except InterpolationResolutionError as e:
             raise DataError(f"cannot resolve the data config: {e}") from e
     if isinstance(data_cfg, Mapping):
