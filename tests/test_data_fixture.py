@@ -17,7 +17,9 @@ from vlmloc.data.fixture import ensure_fixture
 
 pytest.importorskip("skimage")
 CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "data"
-EXPECTED = {"astronaut.png": ["person"], "chelsea.png": ["cat"], "coffee.png": ["cup", "spoon"], "rocket.jpg": ["rocket"]}
+EXPECTED = {
+    "astronaut.png": ["person"], "chelsea.png": ["cat"], "coffee.png": ["cup", "spoon"], "rocket.jpg": ["rocket"]
+}
 
 
 @pytest.fixture(scope="module")
@@ -70,6 +72,7 @@ def test_ensure_fixture_is_idempotent(loaded):
 
 def test_missing_scikit_image_says_how_to_install(tmp_path, monkeypatch):
     real = importlib.util.find_spec
-    monkeypatch.setattr(fixture_mod.importlib.util, "find_spec", lambda name, *a: None if name == "skimage" else real(name, *a))
+    fake = lambda name, *a: None if name == "skimage" else real(name, *a)  # noqa: E731
+    monkeypatch.setattr(fixture_mod.importlib.util, "find_spec", fake)
     with pytest.raises(DataError, match="pip install scikit-image"):
         ensure_fixture(tmp_path)

@@ -15,10 +15,15 @@ from vlmloc.models import GLOBAL, LOCAL
 def _capture(adapter, batch):
     """(inputs_embeds at the LM input [B, T, D], projector output [n_images_or_tiles, n_tok, D])."""
     seen = {}
-    h1 = adapter.language_model.register_forward_pre_hook(
-        lambda m, a, k: seen.setdefault("embeds", k["inputs_embeds"].detach().clone()), with_kwargs=True
-    )
-    h2 = adapter.projector.register_forward_hook(lambda m, a, out: seen.setdefault("proj", out.detach().clone()))
+
+    def grab_embeds(module, args, kwargs):
+        seen["embeds"] = kwargs["inputs_embeds"].detach().clone()
+
+    def grab_proj(module, args, out):
+        seen["proj"] = out.detach().clone()
+
+    h1 = adapter.language_model.register_forward_pre_hook(grab_embeds, with_kwargs=True)
+    h2 = adapter.projector.register_forward_hook(grab_proj)
     try:
         with torch.no_grad():
             adapter.model(**batch.inputs)
@@ -61,8 +66,8 @@ def test_internvl_layout_matches_masked_scatter_with_tiles_and_padding(tiny_inte
         n_cols, n_rows = geometry.internvl_tiling(im.width, im.height, max_tiles=int(ad.cfg.max_tiles))
         tiles_seen.append((n_cols, n_rows, lay.n_tiles))
     assert offset == proj.shape[0]
-    # 900x300 -> 3x1 crops + thumbnail; 448x448 -> one tile, no thumbnail; 300x500 -> 1x2 + thumbnail
-    assert tiles_seen == [(3, 1, 4), (1, 1, 1), (1, 2, 3)]
+    # 900x300 -> 3x1 crops + thumbnail; 448x448 -> one tile, no thumbnail; 300x500 (aspect 0.6) -> 2x3 + thumbnail
+    assert tiles_seen == [(3, 1, 4), (1, 1, 1), (2, 3, 7)]
     wide = batch.layouts[0]
     assert (wide.view[: 3 * 256] == LOCAL).all() and (wide.view[3 * 256 :] == GLOBAL).all()
     # token 17 of tile 2 sits on canvas row 1, col 2*16 + 1

@@ -38,7 +38,9 @@ def load_samples(data_cfg: Any) -> tuple[list[Sample], list[dict[str, Any]]]:
         annotations = ensure_fixture(_required(cfg, "root"))
         images = annotations.parent / "images"
     else:
-        raise DataError(f"data.kind must be one of {list(KINDS)}, got {kind!r} (pick a config: data=coco|synthetic|fixture)")
+        raise DataError(
+            f"data.kind must be one of {list(KINDS)}, got {kind!r} (pick a config: data=coco|synthetic|fixture)"
+        )
     return load_coco(annotations, images, filters=cfg.get("filters"), n=cfg.get("n"), seed=cfg.get("seed", 0))
 
 

@@ -97,7 +97,8 @@ def load_coco(
     coco = _index(data)
 
     anns = sorted(coco.anns.values(), key=lambda a: (a["image_id"], a["id"]))
-    report = [{"filter": "input", "kept": len(anns), "dropped": 0}]
+    report: list[dict[str, Any]] = []
+    _record(report, "input", len(anns), 0)
     for name, keep in _filter_steps(coco, filt, annotations):
         before = len(anns)
         anns = [a for a in anns if keep(a)]

@@ -92,7 +92,9 @@ def fixture_coco() -> dict[str, Any]:
     return coco
 
 
-def _annotation(ann_id: int, image_id: int, category: str, pts: list[tuple[float, float]], w: int, h: int) -> dict[str, Any]:
+def _annotation(
+    ann_id: int, image_id: int, category: str, pts: list[tuple[float, float]], w: int, h: int
+) -> dict[str, Any]:
     poly = [float(v) for p in pts for v in p]
     xs, ys = poly[0::2], poly[1::2]
     rle = mask_utils.merge(mask_utils.frPyObjects([poly], h, w))

@@ -270,7 +270,8 @@ def _sample_scene(rng: np.random.Generator, p: SyntheticParams) -> tuple[dict[st
     w = int(rng.integers(p.width[0], p.width[1] + 1))
     h = int(rng.integers(p.height[0], p.height[1] + 1))
     spec: dict[str, Any] = {"width": w, "height": h, "background": _sample_background(rng, w, h)}
-    spec["distractors"] = [_sample_distractor(rng, w, h) for _ in range(rng.integers(p.n_distractors[0], p.n_distractors[1] + 1))]
+    n_distractors = int(rng.integers(p.n_distractors[0], p.n_distractors[1] + 1))
+    spec["distractors"] = [_sample_distractor(rng, w, h) for _ in range(n_distractors)]
     spec["objects"] = []
     base = render_base(spec)  # what the objects are drawn over, for the contrast check
     boxes: list[tuple[float, float, float, float]] = []
@@ -388,7 +389,9 @@ def generate_split(out_dir: Path, split: str, params: SyntheticParams) -> dict[s
         image_id, file_name = i + 1, f"{split}_{i + 1:06d}.png"
         # == render_scene(spec), without rendering the background a second time
         Image.fromarray(paint_objects(base, spec)).save(img_dir / file_name, compress_level=1)
-        images.append({"id": image_id, "file_name": file_name, "width": spec["width"], "height": spec["height"], SCENE_KEY: spec})
+        images.append(
+            {"id": image_id, "file_name": file_name, "width": spec["width"], "height": spec["height"], SCENE_KEY: spec}
+        )
         for k, obj in enumerate(spec["objects"]):
             anns.append(_annotation(len(anns) + 1, image_id, cat_ids[obj["category"]], obj["polygon"], spec, k))
     return {
@@ -443,7 +446,8 @@ def ensure_synthetic(
         _swap_in(tmp, final, params.hash(split))
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    log.info("synthetic %s: wrote %d images, %d objects to %s", split, len(coco["images"]), len(coco["annotations"]), final)
+    n_img, n_obj = len(coco["images"]), len(coco["annotations"])
+    log.info("synthetic %s: wrote %d images, %d objects to %s", split, n_img, n_obj, final)
     return ann_path
 
 
