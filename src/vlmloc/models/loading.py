@@ -52,11 +52,13 @@ def check_weights(cfg: DictConfig) -> None:
     path = str(cfg.path)
     family = str(cfg.family)
     local = Path(path).expanduser()
+    is_local = local.exists() or path.startswith(("/", ".", "~"))
+    repo = cfg.hub_id if is_local else path
     how = (
-        f"download it once where a network is available, e.g. `hf download {cfg.hub_id} --local-dir /models/{cfg.name}`, "
+        f"Download it once where a network is available, e.g. `hf download {repo} --local-dir /models/{cfg.name}`, "
         f"then run with model.path=/models/{cfg.name}"
     )
-    if local.exists() or path.startswith(("/", ".", "~")):
+    if is_local:
         if not local.is_dir():
             raise ModelLoadError(f"model.path={path} is not a folder. {how}")
         missing = [f for f in ("config.json",) if not (local / f).exists()]
@@ -71,7 +73,8 @@ def check_weights(cfg: DictConfig) -> None:
     try:
         hf_cfg = AutoConfig.from_pretrained(path, revision=cfg.revision)
     except Exception as err:  # hub unreachable, not cached, or not a model repo
-        raise ModelLoadError(f"cannot read the model config for {path!r} ({type(err).__name__}: {err}). {how}") from err
+        reason = " ".join(str(err).split())
+        raise ModelLoadError(f"cannot read the model config for {path!r} ({type(err).__name__}: {reason}). {how}") from err
     if hf_cfg.model_type != _MODEL_TYPES[family]:
         raise ModelLoadError(
             f"{path} is a {hf_cfg.model_type!r} checkpoint but model.family={family!r} expects "

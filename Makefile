@@ -1,0 +1,31 @@
+# vlmloc make targets. MODEL, DATA and ARGS pass through to the Hydra command line.
+MODEL ?= tiny_llava
+DATA ?= synthetic
+ARGS ?=
+PY ?= python
+
+.PHONY: help install demo baseline test test-slow test-all clean
+
+help:  ## list the targets
+	@grep -E '^[a-zA-Z0-9_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  %-12s %s\n", $$1, $$2}'
+
+install:  ## install the package with test and SLURM extras (CPU torch first)
+	pip install torch==2.13.0 && pip install -e ".[dev,slurm]"
+
+demo:  ## the embedded default: baseline on the tiny LLaVA over synthetic scenes (CPU, < 1 min)
+	$(PY) -m vlmloc $(ARGS)
+
+baseline:  ## baseline evaluation, e.g. make baseline MODEL=llava7b DATA=coco ARGS="data.root=/data/coco"
+	$(PY) -m vlmloc experiment=baseline model=$(MODEL) data=$(DATA) $(ARGS)
+
+test:  ## the default test suite (fast; what CI runs)
+	$(PY) -m pytest
+
+test-slow:  ## only the slow tests
+	$(PY) -m pytest -m slow
+
+test-all:  ## every test, slow ones included
+	$(PY) -m pytest -m "slow or not slow"
+
+clean:  ## remove generated data and run outputs
+	rm -rf outputs/* data/ .cache/ && touch outputs/.gitkeep
