@@ -1,4 +1,4 @@
-"""Evaluate classification and localization on samples, in batches, under one condition.
+"""Evaluate classification and localization on samples, in batches, under one or more conditions.
 
 Classification (yes_no mode, the default): one forward pass per batch; P(yes) vs P(no) from the
 next-token distribution; correct when the object is present (always, for these samples) and
@@ -10,11 +10,11 @@ IoU >= 0.5 / 0.7 / 0.9; an unparseable answer is a miss (IoU 0) kept with its ra
 
 from __future__ import annotations
 
-import contextlib
 import math
 import re
-from collections.abc import Callable, Iterator, Sequence
-from typing import Any, ContextManager
+from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
 
 import pandas as pd
 from tqdm.auto import tqdm
@@ -22,26 +22,41 @@ from tqdm.auto import tqdm
 from vlmloc import geometry
 from vlmloc.data.sample import Sample
 from vlmloc.engine.runner import generate, next_token_logprobs, yes_probability
+from vlmloc.engine.token_edits import TokenEdit, edit_lm_input
 from vlmloc.models.adapter import PreparedBatch, VLMAdapter
+from vlmloc.models.layout import VisualLayout
 
 IOU_THRESHOLDS = (0.5, 0.7, 0.9)
-# A hook factory installs an intervention for one prepared batch (see vlmloc.engine); the default
-# installs nothing.
-HookFactory = Callable[[PreparedBatch, Sequence[Sample]], ContextManager[Any]]
+# Per-row edits of one condition: (sample, layout of its row, task) -> edits of that row.
+EditFn = Callable[[Sample, VisualLayout, str], list[TokenEdit]]
 
 
-def _no_hooks(batch: PreparedBatch, samples: Sequence[Sample]) -> ContextManager[Any]:
-    return contextlib.nullcontext()
+@dataclass(frozen=True)
+class Condition:
+    """A named intervention applied per row. `edits` None = the clean model (baseline).
+
+    `columns` are recorded on every result row of the condition (e.g. strategy, pad).
+    """
+
+    name: str
+    edits: EditFn | None = None
+    columns: Mapping[str, Any] = field(default_factory=dict)
 
 
-def length_order(adapter: VLMAdapter, samples: Sequence[Sample], task: str) -> list[int]:
-    """Indices of samples sorted by prompt length (visual tokens first), so batches pad little."""
+BASELINE = Condition("baseline")
 
-    def key(i: int) -> tuple[int, int, str]:
-        s = samples[i]
-        return (adapter.n_visual_tokens(s.width, s.height), len(adapter.prompt(task, s.category)), s.sample_id)
 
-    return sorted(range(len(samples)), key=key)
+def length_order(adapter: VLMAdapter, items: Sequence[tuple[Sample, Condition]], task: str) -> list[int]:
+    """Indices of items sorted by prompt length (visual tokens first), so batches pad little.
+
+    Items of the same sample stay together, so a batch loads each image once.
+    """
+
+    def key(i: int) -> tuple[int, int, str, int]:
+        s = items[i][0]
+        return (adapter.n_visual_tokens(s.width, s.height), len(adapter.prompt(task, s.category)), s.sample_id, i)
+
+    return sorted(range(len(items)), key=key)
 
 
 def _batches(order: list[int], batch_size: int) -> Iterator[list[int]]:
@@ -55,26 +70,48 @@ def evaluate(
     tasks: Sequence[str],
     *,
     batch_size: int,
-    condition: str = "baseline",
-    hooks: HookFactory = _no_hooks,
+    conditions: Sequence[Condition] = (BASELINE,),
+    skip: Collection[tuple[str, str, str]] = frozenset(),
     progress: bool = True,
 ) -> pd.DataFrame:
-    """One row per sample x task (results schema), in the order of `samples` then `tasks`."""
+    """One row per sample x task x condition (results schema), minus keys in `skip`.
+
+    Rows of different conditions share batches: one forward pass carries many conditions.
+    Row order: task, then sample, then condition, as given.
+    """
     frames = []
     for task in tasks:
+        items = [
+            (s, c) for s in samples for c in conditions if (s.sample_id, task, c.name) not in skip
+        ]
+        if not items:
+            continue
         rows: dict[int, dict[str, Any]] = {}
-        order = length_order(adapter, samples, task)
-        bar = tqdm(total=len(order), desc=f"{condition}:{task}", disable=not progress, leave=False)
+        order = length_order(adapter, items, task)
+        bar = tqdm(total=len(order), desc=task, disable=not progress, leave=False)
         for idx in _batches(order, batch_size):
-            chunk = [samples[i] for i in idx]
-            batch = adapter.prepare([s.load_image() for s in chunk], [adapter.prompt(task, s.category) for s in chunk])
-            with hooks(batch, chunk):
-                results = _run_task(adapter, batch, chunk, task)
-            for i, sample, res in zip(idx, chunk, results):
-                rows[i] = {**_base_row(sample, task, condition), **res}
+            chunk = [items[i] for i in idx]
+            images = {s.sample_id: s.load_image() for s, _ in chunk}
+            batch = adapter.prepare([images[s.sample_id] for s, _ in chunk], [adapter.prompt(task, s.category) for s, _ in chunk])
+            edits = [
+                c.edits(s, layout, task) if c.edits is not None else []
+                for (s, c), layout in zip(chunk, batch.layouts)
+            ]
+            with edit_lm_input(adapter, edits):
+                results = _run_task(adapter, batch, [s for s, _ in chunk], task)
+            for i, (sample, cond), res, layout, row_edits in zip(idx, chunk, results, batch.layouts, edits):
+                n_edited = sum(e.n for e in row_edits)
+                rows[i] = {
+                    **_base_row(sample, task, cond.name),
+                    **res,
+                    "n_visual": layout.n_visual,
+                    "n_edited": n_edited,
+                    "frac_edited": n_edited / layout.n_visual,
+                    **dict(cond.columns),
+                }
             bar.update(len(idx))
         bar.close()
-        frames.append(pd.DataFrame([rows[i] for i in range(len(samples))]))
+        frames.append(pd.DataFrame([rows[i] for i in range(len(items))]))
     return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
 
 

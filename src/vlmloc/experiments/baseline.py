@@ -5,11 +5,11 @@ from __future__ import annotations
 import logging
 
 from vlmloc.app import RunContext
-from vlmloc.evaluation import evaluate
+from vlmloc.evaluation import BASELINE, evaluate
 from vlmloc.results import add_baseline_delta, summarize, to_markdown
 
 log = logging.getLogger("vlmloc.experiments.baseline")
-CONDITION = "baseline"
+CONDITION = BASELINE.name
 
 
 def run(ctx: RunContext) -> None:
@@ -19,7 +19,7 @@ def run(ctx: RunContext) -> None:
     todo = [s for s in ctx.samples if any((s.sample_id, t, CONDITION) not in done for t in tasks)]
     if todo:
         log.info("evaluating %d of %d samples (%d already done)", len(todo), len(ctx.samples), len(ctx.samples) - len(todo))
-        df = evaluate(ctx.adapter, todo, tasks, batch_size=int(cfg.batch_size), condition=CONDITION)
+        df = evaluate(ctx.adapter, todo, tasks, batch_size=int(cfg.batch_size), skip=done)
         ctx.store.add(df)
         ctx.write_provenance()
     else:

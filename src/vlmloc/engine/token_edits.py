@@ -1,0 +1,103 @@
+"""Edits of the visual tokens at the LLM input (after the projector, before the first LM layer).
+
+Usage::
+
+    edits = [
+        [TokenEdit.replace(positions, mean_embedding)],      # row 0: ablate with the mean
+        [TokenEdit.copy(dst=positions, src=positions[perm])], # row 1: shuffle
+        [],                                                   # row 2: clean
+    ]
+    with edit_lm_input(adapter, edits):
+        adapter.model(**batch.inputs)          # or generate(...): edits apply at prefill only
+
+Every edit is given per batch row, so one forward pass carries as many conditions as rows.
+Two kinds cover the token-level experiments: `replace` (set positions to one vector: ablation)
+and `copy` (positions take the embeddings found at other positions of the same clean row:
+shuffle, object extension). Copies read the unedited embeddings, so a permutation is a true
+permutation whatever the order of its entries.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from vlmloc.models.adapter import VLMAdapter
+
+
+@dataclass(frozen=True)
+class TokenEdit:
+    """One edit of one row. dst: [k] sequence positions. Either src: [k] positions or value: [hidden]."""
+
+    dst: np.ndarray
+    src: np.ndarray | None = None
+    value: torch.Tensor | None = None
+
+    def __post_init__(self) -> None:
+        if (self.src is None) == (self.value is None):
+            raise ValueError("a TokenEdit needs exactly one of src (copy) or value (replace)")
+        if self.src is not None and len(self.src) != len(self.dst):
+            raise ValueError(f"copy edit with {len(self.dst)} destinations but {len(self.src)} sources")
+
+    @classmethod
+    def replace(cls, dst: Sequence[int] | np.ndarray, value: torch.Tensor) -> TokenEdit:
+        return cls(dst=np.asarray(dst, dtype=np.int64), value=value)
+
+    @classmethod
+    def copy(cls, dst: Sequence[int] | np.ndarray, src: Sequence[int] | np.ndarray) -> TokenEdit:
+        return cls(dst=np.asarray(dst, dtype=np.int64), src=np.asarray(src, dtype=np.int64))
+
+    @property
+    def n(self) -> int:
+        return len(self.dst)
+
+
+def apply_edits(embeds: torch.Tensor, edits: Sequence[Sequence[TokenEdit]]) -> torch.Tensor:
+    """[batch, seq, hidden] -> edited copy. edits[i] lists the edits of row i (applied in order)."""
+    if len(edits) != embeds.shape[0]:
+        raise ValueError(f"{len(edits)} rows of edits for a batch of {embeds.shape[0]}")
+    clean = embeds
+    out = embeds.clone()
+    for row, row_edits in enumerate(edits):
+        for edit in row_edits:
+            if edit.n == 0:
+                continue
+            dst = torch.as_tensor(edit.dst, device=embeds.device)
+            if edit.src is not None:
+                out[row, dst] = clean[row, torch.as_tensor(edit.src, device=embeds.device)]
+            else:
+                out[row, dst] = edit.value.to(device=embeds.device, dtype=embeds.dtype)
+    return out
+
+
+def _cache_is_empty(kwargs: dict) -> bool:
+    cache = kwargs.get("past_key_values")
+    return cache is None or cache.get_seq_length() == 0
+
+
+@contextlib.contextmanager
+def edit_lm_input(adapter: VLMAdapter, edits: Sequence[Sequence[TokenEdit]]) -> Iterator[None]:
+    """Install per-row edits on the LM input for the calls inside the block (prefill only).
+
+    A forward pre-hook on the language model rewrites `inputs_embeds` when the KV cache is
+    empty (the prefill); decoding steps then attend to the cached, edited prefix.
+    """
+    if not any(len(row) for row in edits):
+        yield
+        return
+
+    def hook(module, args, kwargs):
+        if kwargs.get("inputs_embeds") is None or not _cache_is_empty(kwargs):
+            return None
+        kwargs["inputs_embeds"] = apply_edits(kwargs["inputs_embeds"], edits)
+        return args, kwargs
+
+    handle = adapter.language_model.register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        yield
+    finally:
+        handle.remove()

@@ -1,0 +1,41 @@
+"""Token selection strategies (Table 1): which visual tokens of a row an intervention targets.
+
+Every strategy returns sequence positions of one row ([k] int64, ascending), computed from the
+row's VisualLayout, so they are valid with left padding and across InternVL tiles.
+"""
+
+from __future__ import annotations
+
+import hashlib
+
+import numpy as np
+
+from vlmloc.data.sample import Sample
+from vlmloc.models.layout import VisualLayout
+
+
+def object_positions(layout: VisualLayout, sample: Sample, pad: int = 0, view: str | None = None) -> np.ndarray:
+    """Positions of the object's tokens (any-pixel overlap), grown/shrunk by `pad` rings, optionally one view."""
+    selected = layout.object_tokens(sample.mask(), pad)
+    if view is not None:
+        selected &= layout.in_view(view)
+    return layout.positions[selected]
+
+
+def row_rng(seed: int, *keys: object) -> np.random.Generator:
+    """A generator seeded by (seed, keys): the same sample and condition draw the same tokens in any batch."""
+    digest = hashlib.sha256(repr((seed, *keys)).encode()).digest()
+    return np.random.default_rng(int.from_bytes(digest[:8], "little"))
+
+
+def random_positions(layout: VisualLayout, count: int, rng: np.random.Generator) -> np.ndarray:
+    """`count` distinct visual-token positions drawn uniformly."""
+    count = min(int(count), layout.n_visual)
+    return np.sort(rng.choice(layout.positions, size=count, replace=False))
+
+
+def top_k_positions(layout: VisualLayout, scores: np.ndarray, k: int) -> np.ndarray:
+    """Positions of the k highest scores ([n_visual] in layout order); ties broken by position."""
+    k = min(int(k), layout.n_visual)
+    order = np.lexsort((layout.positions, -np.asarray(scores, dtype=float)))
+    return np.sort(layout.positions[order[:k]])
