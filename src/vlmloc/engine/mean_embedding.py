@@ -1,0 +1,69 @@
+"""The mean visual embedding: the average projector output over a reference set of images.
+
+Token ablation replaces tokens with it (the paper's "global mean visual embedding"). It is
+computed once per (model, data, reference size) and cached on disk with its provenance, so all
+experiments and reruns ablate with the same vector.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import OmegaConf
+
+from vlmloc.engine.visual_features import iter_unique_images, projector_io
+from vlmloc.results import atomic_write
+
+log = logging.getLogger("vlmloc.engine")
+
+
+def _cache_key(ctx: Any) -> tuple[str, dict[str, Any]]:
+    cfg = ctx.cfg
+    ident = {
+        "model": str(cfg.model.path if cfg.model.path is not None else f"tiny:{cfg.model.name}"),
+        "model_config": OmegaConf.to_container(cfg.model.get("tiny"), resolve=True) if cfg.model.path is None else None,
+        "revision": cfg.model.revision,
+        "data": OmegaConf.to_container(cfg.data, resolve=True),
+        "n_images": int(cfg.mean_embedding.n_images),
+        "dtype": str(cfg.model.dtype),
+    }
+    digest = hashlib.sha256(json.dumps(ident, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    return f"{cfg.model.name}-{cfg.data.name}-{digest}", ident
+
+
+def mean_visual_embedding(ctx: Any) -> torch.Tensor:
+    """[hidden] float32 mean of projector outputs over the first `mean_embedding.n_images` images of the run's data."""
+    name, ident = _cache_key(ctx)
+    cache = Path(ctx.cfg.paths.cache_dir) / "mean_embedding"
+    tensor_path, meta_path = cache / f"{name}.pt", cache / f"{name}.json"
+    if tensor_path.exists():
+        return torch.load(tensor_path, map_location="cpu")
+    adapter = ctx.adapter
+    total, count, image_ids = None, 0, []
+    n_images = int(ctx.cfg.mean_embedding.n_images)
+    samples = ctx.samples
+    batches = iter_unique_images(samples, int(ctx.cfg.batch_size))
+    for chunk in batches:
+        chunk = chunk[: n_images - len(image_ids)]
+        if not chunk:
+            break
+        batch = adapter.prepare([s.load_image() for s in chunk], [adapter.prompt("classification", s.category) for s in chunk])
+        _, outs = projector_io(adapter, batch)
+        for s, feats in zip(chunk, outs):
+            total = feats.sum(0, dtype=torch.float64) if total is None else total + feats.sum(0, dtype=torch.float64)
+            count += feats.shape[0]
+            image_ids.append(int(s.image_id))
+    if total is None:
+        raise ValueError("no images to compute the mean visual embedding from")
+    mean = (total / count).float()
+    cache.mkdir(parents=True, exist_ok=True)
+    atomic_write(tensor_path, lambda f: torch.save(mean, f))
+    meta = {**ident, "n_images_used": len(image_ids), "n_tokens": count, "image_ids": image_ids}
+    atomic_write(meta_path, lambda f: f.write(json.dumps(meta, indent=2, default=str).encode()))
+    log.info("mean visual embedding over %d images (%d tokens) cached at %s", len(image_ids), count, tensor_path)
+    return mean

@@ -1,0 +1,45 @@
+"""Per-row visual features around the projector: its input (vision features) and output (LM input).
+
+The projector emits tokens in exactly the order masked_scatter places them (tests/test_layout.py),
+so the i-th feature of a row is the token at layout.positions[i].
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+
+import torch
+
+from vlmloc.data.sample import Sample
+from vlmloc.models.adapter import PreparedBatch, VLMAdapter
+
+
+@torch.no_grad()
+def projector_io(adapter: VLMAdapter, batch: PreparedBatch) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """Per row: (projector input [n_visual, d_vision_in], projector output [n_visual, hidden]), float32 on CPU.
+
+    Runs the model's own forward (one next-token position) and reads the projector through a hook.
+    """
+    seen: dict[str, torch.Tensor] = {}
+
+    def hook(module, args, out):
+        seen["in"] = args[0].detach()
+        seen["out"] = out.detach()
+
+    handle = adapter.projector.register_forward_hook(hook)
+    try:
+        adapter.model(**batch.inputs, logits_to_keep=1)
+    finally:
+        handle.remove()
+    ins = seen["in"].reshape(-1, seen["in"].shape[-1]).float().cpu()
+    outs = seen["out"].reshape(-1, seen["out"].shape[-1]).float().cpu()
+    sizes = [layout.n_visual for layout in batch.layouts]
+    return list(torch.split(ins, sizes)), list(torch.split(outs, sizes))
+
+
+def iter_unique_images(samples: Sequence[Sample], batch_size: int) -> Iterator[list[Sample]]:
+    """Batches of samples with distinct images (first sample of each image), in order."""
+    seen: set[int] = set()
+    unique = [s for s in samples if not (s.image_id in seen or seen.add(s.image_id))]
+    for start in range(0, len(unique), batch_size):
+        yield unique[start : start + batch_size]
