@@ -4,7 +4,7 @@ DATA ?= synthetic
 ARGS ?=
 PY ?= python
 
-.PHONY: help install demo baseline test test-slow test-all clean
+.PHONY: help install demo baseline table1 table2 test test-slow test-all clean
 
 help:  ## list the targets
 	@grep -E '^[a-zA-Z0-9_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  %-12s %s\n", $$1, $$2}'
@@ -17,6 +17,12 @@ demo:  ## the embedded default: baseline on the tiny LLaVA over synthetic scenes
 
 baseline:  ## baseline evaluation, e.g. make baseline MODEL=llava7b DATA=coco ARGS="data.root=/data/coco"
 	$(PY) -m vlmloc experiment=baseline model=$(MODEL) data=$(DATA) $(ARGS)
+
+table1:  ## Table 1, token ablation: make table1 MODEL=llava7b DATA=coco ARGS="data.root=/data/coco"
+	$(PY) -m vlmloc experiment=token_ablation model=$(MODEL) data=$(DATA) $(ARGS)
+
+table2:  ## Table 2, global and intra-object shuffle
+	$(PY) -m vlmloc experiment=shuffle model=$(MODEL) data=$(DATA) $(ARGS)
 
 test:  ## the default test suite (fast; what CI runs)
 	$(PY) -m pytest

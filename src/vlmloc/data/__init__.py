@@ -5,6 +5,8 @@
 `cfg.data.kind` picks the source; synthetic and fixture data are first written to disk as COCO
 datasets under `cfg.data.root`, then all three kinds go through the same COCO loader and
 filters (`vlmloc.data.coco.load_coco`). `report` lists each filter's kept/dropped counts.
+`pairs` loads the object-removal pairs a make_pairs run wrote (`vlmloc.data.pairs`): the
+original samples, with the inpainted image in `meta["inpainted_path"]`.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from vlmloc.data.sample import Sample
 
 __all__ = ["DataError", "Filters", "Sample", "load_samples"]
 
-KINDS = ("coco", "synthetic", "fixture")
+KINDS = ("coco", "synthetic", "fixture", "pairs")
 
 
 def load_samples(data_cfg: Any) -> tuple[list[Sample], list[dict[str, Any]]]:
@@ -37,9 +39,13 @@ def load_samples(data_cfg: Any) -> tuple[list[Sample], list[dict[str, Any]]]:
 
         annotations = ensure_fixture(_required(cfg, "root"))
         images = annotations.parent / "images"
+    elif kind == "pairs":
+        from vlmloc.data.pairs import load_pairs
+
+        return load_pairs(_required(cfg, "pairs_dir"), n=cfg.get("n"), seed=cfg.get("seed", 0))
     else:
         raise DataError(
-            f"data.kind must be one of {list(KINDS)}, got {kind!r} (pick a config: data=coco|synthetic|fixture)"
+            f"data.kind must be one of {list(KINDS)}, got {kind!r} (pick a config: data=coco|synthetic|fixture|pairs)"
         )
     return load_coco(annotations, images, filters=cfg.get("filters"), n=cfg.get("n"), seed=cfg.get("seed", 0))
 

@@ -47,8 +47,9 @@ def dilate_mask(mask: np.ndarray, margin_px: int) -> np.ndarray:
         raise InpaintError(f"inpaint.dilate_px must be >= 0, got {margin_px}")
     if margin_px == 0:
         return mask.copy()
-    size = 2 * int(margin_px) + 1
-    kernel = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (size, size))
+    r = int(margin_px)
+    yy, xx = np.mgrid[-r : r + 1, -r : r + 1]
+    kernel = (yy**2 + xx**2 <= r * r).astype(np.uint8)  # exact disc; cv2's MORPH_ELLIPSE overshoots
     return cv2.dilate(mask.astype(np.uint8), kernel).astype(bool)
 
 
@@ -129,13 +130,8 @@ def build_inpainter(cfg: Mapping[str, Any] | Any) -> Inpainter:
     if backend == "lama":
         from vlmloc.inpaint.lama import LamaInpainter
 
-        return LamaInpainter(
-            checkpoint=cfg.get("checkpoint"),
-            device=cfg.get("device", "auto"),
-            expected_md5=cfg.get("expected_md5"),
-            pad_multiple=cfg.get("pad_multiple", 8),
-            **common,
-        )
+        extra = {k: cfg[k] for k in ("device", "expected_md5", "pad_multiple") if k in cfg}  # absent: class defaults
+        return LamaInpainter(checkpoint=cfg.get("checkpoint"), **extra, **common)
     if backend == "oracle":
         from vlmloc.inpaint.oracle import OracleInpainter
 
