@@ -102,6 +102,8 @@ def run(cfg: DictConfig, run_dir: Path) -> None:
         if err.name != f"vlmloc.experiments.{name}":
             raise
         raise ValueError(f"unknown experiment {name!r}: no module vlmloc.experiments.{name}") from None
+    if hasattr(module, "check_config"):  # experiment-specific checks that need neither data nor model
+        module.check_config(cfg)
     ctx = RunContext(cfg=cfg, run_dir=Path(run_dir))
     ctx.run_dir.mkdir(parents=True, exist_ok=True)
     ctx.check_inputs()
