@@ -1,0 +1,203 @@
+"""Per-head interventions on the LM's attention outputs (the input of each layer's o_proj).
+
+The o_proj input is [batch, seq, n_heads * head_dim], head-major: head h is the slice
+h*head_dim:(h+1)*head_dim. Editing that slice patches (from a source run) or ablates (mean or
+zero) one head's output, per batch row:
+
+    edits = [[HeadEdit(layer=12, head=h, value=src[12][0, :, sl(h)])] for h in range(n_heads)]
+    with edit_heads(adapter, edits):
+        adapter.model(**inputs_expanded_to_n_heads_rows)
+
+Layers below the edited one compute exactly the clean run, so `LayerInputs` + `run_from_layer`
+skip them: the clean run's hidden states at the input of layer L are captured once, and every
+edited row restarts there. With `start` > 0 only the positions from `start` on are recomputed,
+reading the earlier positions' keys and values from the clean run's cache: valid when nothing
+before `start` is edited (text-only patching; attention is causal).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from transformers import DynamicCache
+
+from vlmloc.engine.knockout import _causal
+from vlmloc.models.adapter import VLMAdapter
+
+
+@dataclass(frozen=True)
+class HeadEdit:
+    """Set head `head` of layer `layer` to `value` at `positions` (None = every position).
+
+    value: [head_dim] (the same vector everywhere) or [seq, head_dim] indexed by absolute
+    position; positions at or beyond len(value) (tokens generated after the prompt) take `tail`
+    ([head_dim]) when given, else keep the model's own output.
+    """
+
+    layer: int
+    head: int
+    value: torch.Tensor
+    positions: np.ndarray | None = None
+    tail: torch.Tensor | None = None
+
+
+def head_slice(adapter: VLMAdapter, head: int) -> slice:
+    return slice(head * adapter.head_dim, (head + 1) * adapter.head_dim)
+
+
+def _edit_rows(x: torch.Tensor, row: int, e: HeadEdit, sl: slice, pos: torch.Tensor) -> None:
+    """x[row, :, sl] edited in place for the call's absolute positions `pos` [T]."""
+    keep = torch.ones_like(pos, dtype=torch.bool)
+    if e.positions is not None:
+        keep = torch.isin(pos, torch.as_tensor(e.positions, device=pos.device))
+    value = e.value.to(device=x.device, dtype=x.dtype)
+    if value.dim() == 1:
+        x[row, keep, sl] = value
+        return
+    inside = keep & (pos < value.shape[0])
+    x[row, inside, sl] = value[pos[inside]]
+    if e.tail is not None:
+        x[row, keep & (pos >= value.shape[0]), sl] = e.tail.to(device=x.device, dtype=x.dtype)
+
+
+@contextlib.contextmanager
+def edit_heads(adapter: VLMAdapter, edits: Sequence[Sequence[HeadEdit]], offset: int = 0) -> Iterator[None]:
+    """Install per-row head edits (o_proj pre-hooks) for the calls inside the block.
+
+    offset: absolute position of the first token of the first call (run_from_layer with
+    start > 0). Later calls (generation steps) continue from where the previous call ended,
+    so per-position values and position sets stay aligned during generation.
+    """
+    by_layer: dict[int, list[tuple[int, HeadEdit]]] = {}
+    for row, row_edits in enumerate(edits):
+        for e in row_edits:
+            by_layer.setdefault(e.layer, []).append((row, e))
+    handles = []
+
+    def make_hook(layer_edits: list[tuple[int, HeadEdit]]):
+        seen = [offset]
+
+        def hook(module, args):
+            x = args[0].clone()
+            pos = torch.arange(seen[0], seen[0] + x.shape[1], device=x.device)
+            seen[0] += x.shape[1]
+            for row, e in layer_edits:
+                _edit_rows(x, row, e, head_slice(adapter, e.head), pos)
+            return (x,)
+
+        return hook
+
+    try:
+        for layer, layer_edits in by_layer.items():
+            handles.append(adapter.o_proj(layer).register_forward_pre_hook(make_hook(layer_edits)))
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+@torch.no_grad()
+def capture_heads(adapter: VLMAdapter, inputs: dict[str, torch.Tensor], layers: Sequence[int] | None = None) -> dict[int, torch.Tensor]:
+    """o_proj inputs of a clean run: {layer: [batch, seq, n_heads * head_dim]}."""
+    layers = range(adapter.n_layers) if layers is None else layers
+    out: dict[int, torch.Tensor] = {}
+    handles = [
+        adapter.o_proj(i).register_forward_pre_hook(lambda m, a, i=i: out.__setitem__(i, a[0].detach().clone()))
+        for i in layers
+    ]
+    try:
+        adapter.model(**inputs, logits_to_keep=1)
+    finally:
+        for h in handles:
+            h.remove()
+    return out
+
+
+@dataclass
+class LayerInputs:
+    """A clean run, kept so edited runs can restart at any layer.
+
+    hidden: per layer L, the residual stream entering layer L [1, seq, hidden].
+    kwargs: the keyword arguments every decoder layer received (mask, rotary embeddings, ...).
+    cache: the run's KV cache (for restarts at start > 0).
+    logits: [1, seq, vocab] of the clean run.
+    """
+
+    hidden: list[torch.Tensor]
+    kwargs: dict[str, Any]
+    cache: Any
+    logits: torch.Tensor
+    seq_len: int = field(default=0)
+
+
+@torch.no_grad()
+def capture_layer_inputs(adapter: VLMAdapter, inputs: dict[str, torch.Tensor]) -> LayerInputs:
+    """Run one row clean, keeping each decoder layer's input and the shared layer kwargs."""
+    if inputs["input_ids"].shape[0] != 1:
+        raise ValueError("capture_layer_inputs takes one row")
+    hidden: list[torch.Tensor] = [None] * adapter.n_layers  # type: ignore[list-item]
+    shared: dict[str, Any] = {}
+
+    def make_hook(i: int):
+        def hook(module, args, kwargs):
+            h = args[0] if args else kwargs["hidden_states"]
+            hidden[i] = h.detach()
+            if i == 0:
+                shared.update({k: v for k, v in kwargs.items() if k != "hidden_states"})
+
+        return hook
+
+    handles = [layer.register_forward_pre_hook(make_hook(i), with_kwargs=True) for i, layer in enumerate(adapter.layers)]
+    cache = DynamicCache(config=adapter.text_config)
+    try:
+        out = adapter.model(**inputs, past_key_values=cache, use_cache=True)
+    finally:
+        for h in handles:
+            h.remove()
+    return LayerInputs(hidden=hidden, kwargs=shared, cache=cache, logits=out.logits.detach(), seq_len=inputs["input_ids"].shape[1])
+
+
+def _expand(x: Any, n: int) -> Any:
+    if isinstance(x, torch.Tensor):
+        return x.expand(n, *x.shape[1:]) if x.shape[0] == 1 else x
+    if isinstance(x, tuple):
+        return tuple(_expand(v, n) for v in x)
+    return x
+
+
+@torch.no_grad()
+def run_from_layer(adapter: VLMAdapter, clean: LayerInputs, layer: int, n_rows: int, *, start: int = 0) -> torch.Tensor:
+    """Logits [n_rows, seq - start, vocab] of `n_rows` copies of the clean row restarted at `layer`.
+
+    Edits installed with edit_heads(..., offset=start) act on the recomputed positions. With
+    start > 0, positions < start keep the clean run's keys/values (read from its cache).
+    """
+    kw = dict(clean.kwargs)
+    h = clean.hidden[layer][:, start:].expand(n_rows, -1, -1)
+    mask = kw.get("attention_mask")
+    if start > 0:
+        cache = DynamicCache(config=adapter.text_config)
+        for i in range(adapter.n_layers):
+            k, v = clean.cache.layers[i].keys, clean.cache.layers[i].values
+            cache.update(k[:, :, :start].expand(n_rows, -1, -1, -1).contiguous(), v[:, :, :start].expand(n_rows, -1, -1, -1).contiguous(), i)
+        kw["past_key_values"] = cache
+        q_len = clean.seq_len - start
+        kw["attention_mask"] = _causal(n_rows, q_len, clean.seq_len, h.device) if mask is None else mask[:, :, start:, : clean.seq_len]
+        cos, sin = kw["position_embeddings"]
+        kw["position_embeddings"] = (cos[:, start:], sin[:, start:])
+        if kw.get("position_ids") is not None:
+            kw["position_ids"] = kw["position_ids"][:, start:]
+    else:
+        kw["past_key_values"] = None
+    kw["use_cache"] = start > 0
+    kw = {k: _expand(v, n_rows) for k, v in kw.items()}
+    for i in range(layer, adapter.n_layers):
+        h = adapter.layers[i](h, **kw)
+        h = h[0] if isinstance(h, tuple) else h
+    h = adapter.language_model.norm(h)
+    return adapter.model.lm_head(h)

@@ -1,0 +1,125 @@
+"""Attention knockout: block attention from a set of query positions to a set of key positions in
+chosen LM layers, per batch row.
+
+Usage::
+
+    specs = [Knockout(queries=post_image, keys=object_pos, layers=range(0, 6)), Knockout.none()]
+    with knockout(adapter, specs):
+        adapter.model(**batch.inputs)
+
+A forward pre-hook on each affected layer's self_attn rewrites its `attention_mask`: with sdpa
+the mask is bool (True = attend) or None (then the causal mask is built here); with eager it is
+additive float and blocked pairs get finfo.min (never -inf, which turns a fully masked row into
+NaN). A query row whose every key would be blocked raises instead of passing silently.
+Positions are absolute sequence positions of the (padded) row; with a KV cache the hook maps
+the current queries to positions past_len .. past_len + q_len - 1.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from vlmloc.models.adapter import VLMAdapter
+
+
+@dataclass(frozen=True)
+class Knockout:
+    """One row's knockout: queries x keys (absolute positions) blocked in `layers`."""
+
+    queries: np.ndarray
+    keys: np.ndarray
+    layers: frozenset[int]
+
+    @classmethod
+    def make(cls, queries: Iterable[int], keys: Iterable[int], layers: Iterable[int]) -> Knockout:
+        return cls(np.asarray(list(queries), dtype=np.int64), np.asarray(list(keys), dtype=np.int64), frozenset(int(x) for x in layers))
+
+    @classmethod
+    def none(cls) -> Knockout:
+        return cls.make([], [], [])
+
+    @property
+    def empty(self) -> bool:
+        return not self.layers or len(self.queries) == 0 or len(self.keys) == 0
+
+
+def post_image_queries(layout_positions: np.ndarray, seq_len: int, extra: int = 0) -> np.ndarray:
+    """Every position after the image span (the prompt after the image and `extra` generated tokens)."""
+    return np.arange(int(layout_positions.max()) + 1, seq_len + extra, dtype=np.int64)
+
+
+def _block_matrix(specs: Sequence[Knockout], layer: int, q_len: int, k_len: int, device: torch.device) -> torch.Tensor | None:
+    """[batch, 1, q_len, k_len] bool, True = blocked, for the current queries of this layer; None if nothing."""
+    past = k_len - q_len
+    block = torch.zeros(len(specs), 1, q_len, k_len, dtype=torch.bool)
+    any_block = False
+    for row, spec in enumerate(specs):
+        if layer not in spec.layers or spec.empty:
+            continue
+        q = spec.queries[(spec.queries >= past) & (spec.queries < k_len)] - past
+        k = spec.keys[spec.keys < k_len]
+        if len(q) and len(k):
+            block[row, 0, torch.as_tensor(q)[:, None], torch.as_tensor(k)[None, :]] = True
+            any_block = True
+    return block.to(device) if any_block else None
+
+
+def _causal(batch: int, q_len: int, k_len: int, device: torch.device) -> torch.Tensor:
+    past = k_len - q_len
+    q = torch.arange(q_len, device=device)[:, None] + past
+    k = torch.arange(k_len, device=device)[None, :]
+    return (k <= q).view(1, 1, q_len, k_len).expand(batch, 1, q_len, k_len)
+
+
+def apply_block(mask: torch.Tensor | None, block: torch.Tensor) -> torch.Tensor:
+    """Combine an attention mask (bool allow / float additive / None = causal) with a block matrix.
+
+    Raises when the knockout leaves a query row that could attend to something with nothing.
+    """
+    b, _, q_len, k_len = block.shape
+    if mask is None:
+        mask = _causal(b, q_len, k_len, block.device)
+    mask = mask.expand(b, 1, q_len, k_len)
+    floor = torch.finfo(mask.dtype).min / 2 if mask.dtype.is_floating_point else None
+    allowed = mask if floor is None else mask > floor
+    after = allowed & ~block
+    if (allowed.any(-1) & ~after.any(-1)).any():
+        raise ValueError("attention knockout would block every key of some query row; shrink the key set")
+    return after if floor is None else mask.masked_fill(block, torch.finfo(mask.dtype).min)
+
+
+@contextlib.contextmanager
+def knockout(adapter: VLMAdapter, specs: Sequence[Knockout]) -> Iterator[None]:
+    """Install per-row knockouts for the calls inside the block."""
+    layers = sorted(set().union(*(s.layers for s in specs if not s.empty))) if specs else []
+    handles = []
+
+    def make_hook(layer: int):
+        def hook(module, args, kwargs):
+            hidden = kwargs.get("hidden_states", args[0] if args else None)
+            mask = kwargs.get("attention_mask")
+            q_len = hidden.shape[1]
+            cache = kwargs.get("past_key_values")
+            # the layer's own cache length: earlier layers were already updated in this forward
+            past = cache.get_seq_length(layer) if cache is not None else 0
+            k_len = past + q_len if mask is None else mask.shape[-1]
+            block = _block_matrix(specs, layer, q_len, k_len, hidden.device)
+            if block is None:
+                return None
+            kwargs["attention_mask"] = apply_block(mask, block)
+            return args, kwargs
+
+        return hook
+
+    try:
+        for layer in layers:
+            handles.append(adapter.self_attn(layer).register_forward_pre_hook(make_hook(layer), with_kwargs=True))
+        yield
+    finally:
+        for h in handles:
+            h.remove()
