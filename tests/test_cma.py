@@ -1,0 +1,124 @@
+"""Causal mediation per head: MF 0 without a patch, 1 with the full patch, batched = one at a time, end to end."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from conftest import compose_cfg, noise_image
+from vlmloc import app
+from vlmloc.data import load_samples
+from vlmloc.data.pairs import inpainted_name, sample_record, write_manifest
+from vlmloc.engine.heads import HeadEdit, capture_heads, capture_layer_inputs, edit_heads, head_slice, run_from_layer
+from vlmloc.engine.mediation import Target, answer_probability, head_mediation, mediation_fraction
+
+ANSWER = " [0.12, 0.30, 0.55, 0.80]"
+
+
+def _pair(ad, task):
+    text = ad.prompt(task, "cat") + (ANSWER if task == "localization" else "")
+    # square images: one InternVL tile keeps the many full forwards of these tests fast
+    src = ad.prepare([noise_image(448, 448, 1)], [text])
+    base = ad.prepare([noise_image(448, 448, 2)], [text])
+    n = 0 if task == "classification" else src.seq_len - ad.prepare([noise_image(448, 448, 1)], [ad.prompt(task, "cat")]).seq_len
+    return src, base, Target(n)
+
+
+@pytest.mark.parametrize("family", ["tiny_llava", "tiny_internvl"])
+@pytest.mark.parametrize("task", ["classification", "localization"])
+def test_mf_is_zero_without_patch_and_one_with_full_patch(family, task, request):
+    ad = request.getfixturevalue(family)
+    src, base, target = _pair(ad, task)
+    ids = base.inputs["input_ids"][0]
+    with torch.no_grad():
+        p_src = float(answer_probability(ad, ad.model(**src.inputs).logits, ids, target)[0])
+        p_base = float(answer_probability(ad, ad.model(**base.inputs).logits, ids, target)[0])
+        with edit_heads(ad, [[]]):  # patching no head gives the base run
+            p_none = float(answer_probability(ad, ad.model(**base.inputs).logits, ids, target)[0])
+    S = capture_heads(ad, src.inputs)
+    start = int(base.layouts[0].positions.max()) + 1
+    text_pos = np.arange(start, base.seq_len)
+    every = [[HeadEdit(L, h, S[L][0, :, head_slice(ad, h)], text_pos) for L in range(ad.n_layers) for h in range(ad.n_heads)]]
+    with edit_heads(ad, every), torch.no_grad():
+        logits = ad.model(**base.inputs).logits
+    # patching every head of every layer at every text position gives the source logits at text positions
+    with torch.no_grad():
+        src_logits = ad.model(**src.inputs).logits
+    torch.testing.assert_close(logits[0, start:], src_logits[0, start:], atol=1e-4, rtol=1e-4)
+    p_full = float(answer_probability(ad, logits, ids, target)[0])
+    mf = mediation_fraction(p_src, p_base, np.array([p_none, p_full]), 0.0)
+    assert mf[0] == pytest.approx(0.0, abs=1e-6) and mf[1] == pytest.approx(1.0, abs=1e-3)
+
+
+@pytest.mark.parametrize("family", ["tiny_llava", "tiny_internvl"])
+def test_batched_restart_equals_one_head_at_a_time(family, request):
+    """Per-row patching from a restarted layer (all positions, and text-only with the prefix cache)
+    equals a full forward with one head patched."""
+    ad = request.getfixturevalue(family)
+    src, base, target = _pair(ad, "localization")
+    ids = base.inputs["input_ids"][0]
+    for text_only in (False, True):
+        p_src, p_base, patched = head_mediation(ad, src, base, target, text_only=text_only, heads_per_pass=3)
+        S = capture_heads(ad, src.inputs)
+        start = int(base.layouts[0].positions.max()) + 1
+        pos = np.arange(start, base.seq_len) if text_only else None
+        for layer in range(ad.n_layers):
+            for head in range(ad.n_heads):
+                with edit_heads(ad, [[HeadEdit(layer, head, S[layer][0, :, head_slice(ad, head)], pos)]]), torch.no_grad():
+                    ref = float(answer_probability(ad, ad.model(**base.inputs).logits, ids, target)[0])
+                assert patched[layer, head] == pytest.approx(ref, rel=1e-4, abs=1e-7)
+    # restarting at a layer with no edit reproduces the clean run (prefix reuse equals recomputation)
+    clean = capture_layer_inputs(ad, base.inputs)
+    torch.testing.assert_close(run_from_layer(ad, clean, 1, 1, start=start)[0], clean.logits[0, start:], atol=1e-5, rtol=1e-5)
+
+
+def test_small_denominator_is_reported_not_divided():
+    assert np.isnan(mediation_fraction(0.5, 0.52, np.array([0.3, 0.4]), 0.05)).all()
+    np.testing.assert_allclose(mediation_fraction(0.9, 0.1, np.array([0.1, 0.5, 0.9]), 0.05), [0.0, 0.5, 1.0])
+
+
+def _make_pairs_dir(tmp_path, data_dir, n=2):
+    """Pairs from synthetic scenes, the object removed by re-rendering the scene without it (oracle)."""
+    from vlmloc.data.synthetic import render_scene
+    import json
+
+    samples, _ = load_samples(compose_cfg("data=synthetic", f"data.n={n}", data_dir=data_dir).data)
+    pairs_dir = tmp_path / "pairs_run"
+    (pairs_dir / "pairs").mkdir(parents=True)
+    rows = []
+    inst = json.loads((samples[0].image_path.parent.parent / "instances.json").read_text())
+    specs = {im["id"]: im["vlmloc_scene"] for im in inst["images"]}
+    obj_index = {a["id"]: a["vlmloc_object_index"] for a in inst["annotations"]}
+    for s in samples:
+        render_scene(specs[s.image_id], skip_objects=[obj_index[s.ann_id]]).save(pairs_dir / inpainted_name(s.sample_id))
+        rows.append({**sample_record(s), "inpainted_path": inpainted_name(s.sample_id), "mask_margin_px": 0,
+                     "hole_frac": 0.0, "inpaint_backend": "oracle", "inpaint_key": "test", "kept": True})
+    write_manifest(pairs_dir, pd.DataFrame(rows))
+    return pairs_dir, samples
+
+
+def test_cma_end_to_end_and_resume(tmp_path, monkeypatch):
+    pairs_dir, samples = _make_pairs_dir(tmp_path, tmp_path / "data")
+    cfg = compose_cfg("experiment=cma", "model=tiny_llava", "data=pairs", f"data.pairs_dir={pairs_dir}",
+                      "model.localization.max_new_tokens=6", "experiment.min_denominator=0.0")
+    run_dir = tmp_path / "run"
+    app.run(cfg, run_dir)
+    mf = pd.read_parquet(run_dir / "mf.parquet")
+    n_layers, n_heads = 2, 4
+    assert len(mf) == len(samples) * 2 * n_layers * n_heads
+    assert set(mf["task"]) == {"classification", "localization"}
+    row = mf.iloc[0]
+    assert row["mf"] == pytest.approx((row["p_base"] - row["p_patched"]) / (row["p_base"] - row["p_src"]))
+    summary = (run_dir / "cma_summary.md").read_text()
+    assert "top 10 heads" in summary and "overlap between tasks" in summary and "critical: mean MF >= 0.1" in summary
+    assert (run_dir / "fig4_cma_heatmaps.png").stat().st_size > 0
+    monkeypatch.setattr(app, "load_adapter", lambda cfg: pytest.fail("a finished run must not load the model"))
+    app.run(cfg, run_dir)
+    pd.testing.assert_frame_equal(pd.read_parquet(run_dir / "mf.parquet"), mf)
+
+
+def test_cma_needs_pairs():
+    with pytest.raises(ValueError, match="experiment=cma needs source/base pairs"):
+        app.run(compose_cfg("experiment=cma", "model=tiny_llava", "data=synthetic"), "/tmp/unused")
