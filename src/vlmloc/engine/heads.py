@@ -171,11 +171,15 @@ def _expand(x: Any, n: int) -> Any:
 
 
 @torch.no_grad()
-def run_from_layer(adapter: VLMAdapter, clean: LayerInputs, layer: int, n_rows: int, *, start: int = 0) -> torch.Tensor:
+def run_from_layer(
+    adapter: VLMAdapter, clean: LayerInputs, layer: int, n_rows: int, *, start: int = 0, keep_last: int | None = None
+) -> torch.Tensor:
     """Logits [n_rows, seq - start, vocab] of `n_rows` copies of the clean row restarted at `layer`.
 
     Edits installed with edit_heads(..., offset=start) act on the recomputed positions. With
     start > 0, positions < start keep the clean run's keys/values (read from its cache).
+    keep_last: only the last positions' logits (the vocabulary projection of every position
+    costs as much as a few layers).
     """
     kw = dict(clean.kwargs)
     h = clean.hidden[layer][:, start:].expand(n_rows, -1, -1)
@@ -199,5 +203,6 @@ def run_from_layer(adapter: VLMAdapter, clean: LayerInputs, layer: int, n_rows: 
     for i in range(layer, adapter.n_layers):
         h = adapter.layers[i](h, **kw)
         h = h[0] if isinstance(h, tuple) else h
-    h = adapter.language_model.norm(h)
-    return adapter.model.lm_head(h)
+    if keep_last is not None:
+        h = h[:, -keep_last:]
+    return adapter.model.lm_head(adapter.language_model.norm(h))

@@ -80,7 +80,7 @@ def head_mediation(
             heads = range(h0, min(h0 + step, n_heads))
             edits = [[HeadEdit(layer, h, src_heads[layer][0, :, head_slice(adapter, h)], positions)] for h in heads]
             with edit_heads(adapter, edits, offset=start):
-                logits = run_from_layer(adapter, clean, layer, len(edits), start=start)
+                logits = run_from_layer(adapter, clean, layer, len(edits), start=start, keep_last=target.answer_len + 1)
             patched[layer, h0 : h0 + len(edits)] = answer_probability(adapter, logits, ids, target).cpu().numpy()
     return p_src, p_base, patched
 
