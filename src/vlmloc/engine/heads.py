@@ -186,7 +186,7 @@ def run_from_layer(
     mask = kw.get("attention_mask")
     if start > 0:
         cache = DynamicCache(config=adapter.text_config)
-        for i in range(adapter.n_layers):
+        for i in range(layer, adapter.n_layers):  # layers below `layer` are never run again
             k, v = clean.cache.layers[i].keys, clean.cache.layers[i].values
             cache.update(k[:, :, :start].expand(n_rows, -1, -1, -1).contiguous(), v[:, :, :start].expand(n_rows, -1, -1, -1).contiguous(), i)
         kw["past_key_values"] = cache

@@ -53,20 +53,39 @@ def post_image_queries(layout_positions: np.ndarray, seq_len: int, extra: int = 
     return np.arange(int(layout_positions.max()) + 1, seq_len + extra, dtype=np.int64)
 
 
-def _block_matrix(specs: Sequence[Knockout], layer: int, q_len: int, k_len: int, device: torch.device) -> torch.Tensor | None:
-    """[batch, 1, q_len, k_len] bool, True = blocked, for the current queries of this layer; None if nothing."""
+def _position_masks(specs: Sequence[Knockout], length: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(query mask, key mask), each [batch, length] bool, built with one scatter each on `device`."""
+
+    def scatter(field: str) -> torch.Tensor:
+        rows = [np.full(len(getattr(s, field)), i) for i, s in enumerate(specs)]
+        cols = [getattr(s, field) for s in specs]
+        r = torch.as_tensor(np.concatenate(rows) if rows else np.zeros(0, np.int64), device=device)
+        c = torch.as_tensor(np.concatenate(cols) if cols else np.zeros(0, np.int64), device=device)
+        keep = c < length
+        m = torch.zeros(len(specs), length, dtype=torch.bool, device=device)
+        m[r[keep], c[keep]] = True
+        return m
+
+    return scatter("queries"), scatter("keys")
+
+
+def _block_matrix(
+    specs: Sequence[Knockout], layer: int, q_len: int, k_len: int, device: torch.device, cache: dict
+) -> torch.Tensor | None:
+    """[batch, 1, q_len, k_len] bool, True = blocked, for the current queries of this layer; None if nothing.
+
+    Vectorised on the device: block = layer active for the row & query mask & key mask.
+    """
+    active = torch.tensor([layer in s.layers and not s.empty for s in specs], device=device)
+    if not bool(active.any()):
+        return None
+    key = (k_len, device)
+    if key not in cache:
+        cache[key] = _position_masks(specs, k_len, device)
+    qmask, kmask = cache[key]
     past = k_len - q_len
-    block = torch.zeros(len(specs), 1, q_len, k_len, dtype=torch.bool)
-    any_block = False
-    for row, spec in enumerate(specs):
-        if layer not in spec.layers or spec.empty:
-            continue
-        q = spec.queries[(spec.queries >= past) & (spec.queries < k_len)] - past
-        k = spec.keys[spec.keys < k_len]
-        if len(q) and len(k):
-            block[row, 0, torch.as_tensor(q)[:, None], torch.as_tensor(k)[None, :]] = True
-            any_block = True
-    return block.to(device) if any_block else None
+    block = active[:, None, None, None] & qmask[:, None, past:, None] & kmask[:, None, None, :]
+    return block if bool(block.any()) else None
 
 
 def _causal(batch: int, q_len: int, k_len: int, device: torch.device) -> torch.Tensor:
@@ -98,6 +117,7 @@ def knockout(adapter: VLMAdapter, specs: Sequence[Knockout]) -> Iterator[None]:
     """Install per-row knockouts for the calls inside the block."""
     layers = sorted(set().union(*(s.layers for s in specs if not s.empty))) if specs else []
     handles = []
+    masks: dict = {}  # (k_len, device) -> position masks, shared by every layer and call
 
     def make_hook(layer: int):
         def hook(module, args, kwargs):
@@ -108,7 +128,7 @@ def knockout(adapter: VLMAdapter, specs: Sequence[Knockout]) -> Iterator[None]:
             # the layer's own cache length: earlier layers were already updated in this forward
             past = cache.get_seq_length(layer) if cache is not None else 0
             k_len = past + q_len if mask is None else mask.shape[-1]
-            block = _block_matrix(specs, layer, q_len, k_len, hidden.device)
+            block = _block_matrix(specs, layer, q_len, k_len, hidden.device, masks)
             if block is None:
                 return None
             kwargs["attention_mask"] = apply_block(mask, block)
