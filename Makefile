@@ -4,7 +4,7 @@ DATA ?= synthetic
 ARGS ?=
 PY ?= python
 
-.PHONY: help install demo baseline table1 table2 table3 fig1 fig4 pairs test test-slow test-all clean
+.PHONY: help install demo baseline table1 table2 table3 fig1 fig3 fig4 fig5 pairs test test-slow test-all clean
 
 help:  ## list the targets
 	@grep -E '^[a-zA-Z0-9_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  %-12s %s\n", $$1, $$2}'
@@ -33,6 +33,12 @@ table3:  ## view ablation, InternVL only (Table 3, Fig. 10), e.g. make table3 MO
 
 fig4:  ## causal mediation per head, e.g. make fig4 MODEL=llava7b ARGS="data.pairs_dir=outputs/make_pairs-llava7b-coco data.n=50"
 	$(PY) -m vlmloc experiment=cma model=$(MODEL) data=pairs $(ARGS)
+
+fig3:  ## attention knockout (Fig. 3, 12), e.g. make fig3 MODEL=llava7b DATA=coco ARGS="data.root=/data/coco"
+	$(PY) -m vlmloc experiment=knockout model=$(MODEL) data=$(DATA) $(ARGS)
+
+fig5:  ## head ablation (Fig. 5, 15) from a cma run, e.g. make fig5 MODEL=llava7b DATA=coco ARGS="data.root=/data/coco experiment.cma_dir=outputs/cma-llava7b-pairs"
+	$(PY) -m vlmloc experiment=head_ablation model=$(MODEL) data=$(DATA) $(ARGS)
 
 pairs:  ## object-removal pairs, e.g. make pairs MODEL=llava7b DATA=coco ARGS="data.root=/data/coco inpaint=lama inpaint.checkpoint=/ckpt/big-lama.pt"
 	$(PY) -m vlmloc experiment=make_pairs model=$(MODEL) data=$(DATA) $(ARGS)

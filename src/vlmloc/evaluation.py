@@ -6,10 +6,15 @@ yes wins. Open mode: generate an answer; correct when it names the category (or 
 the sample's meta) or starts with a yes word.
 Localization: greedy generation, the family's box parser, IoU with the ground-truth box; hits at
 IoU >= 0.5 / 0.7 / 0.9; an unparseable answer is a miss (IoU 0) kept with its raw text.
+
+A condition intervenes per batch row in up to three ways, installed together for the row's
+forward pass or generate call: token edits at the LM input, attention knockout, and head-output
+edits (see `Condition`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 import re
 from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
@@ -21,26 +26,38 @@ from tqdm.auto import tqdm
 
 from vlmloc import geometry
 from vlmloc.data.sample import Sample
+from vlmloc.engine.heads import HeadEdit, edit_heads
+from vlmloc.engine.knockout import Knockout, knockout
 from vlmloc.engine.runner import generate, next_token_logprobs, yes_probability
 from vlmloc.engine.token_edits import TokenEdit, edit_lm_input
 from vlmloc.models.adapter import PreparedBatch, VLMAdapter
 from vlmloc.models.layout import VisualLayout
 
 IOU_THRESHOLDS = (0.5, 0.7, 0.9)
-# Per-row edits of one condition: (sample, layout of its row, task) -> edits of that row.
+# Per-row interventions of one condition, from (sample, layout of its row, task[, seq_len]).
+# seq_len: the padded prompt length of the row's batch, i.e. the absolute position of the first
+# generated token (generated tokens sit at seq_len, seq_len + 1, ...).
 EditFn = Callable[[Sample, VisualLayout, str], list[TokenEdit]]
+KnockoutFn = Callable[[Sample, VisualLayout, str, int], Knockout]
+HeadFn = Callable[[Sample, VisualLayout, str, int], list[HeadEdit]]
 
 
 @dataclass(frozen=True)
 class Condition:
-    """A named intervention applied per row. `edits` None = the clean model (baseline).
+    """A named intervention applied per row; all of `edits`, `knockout`, `heads` None = the clean model.
 
+    edits:    token edits at the LM input (prefill only).
+    knockout: attention knockout; queries that are generated positions (>= seq_len) are blocked
+              during generation too (see `max_new_tokens` for how far generation can reach).
+    heads:    head-output edits (o_proj inputs), at prompt and generated positions.
     `columns` are recorded on every result row of the condition (e.g. strategy, pad).
     """
 
     name: str
     edits: EditFn | None = None
     columns: Mapping[str, Any] = field(default_factory=dict)
+    knockout: KnockoutFn | None = None
+    heads: HeadFn | None = None
 
 
 BASELINE = Condition("baseline")
@@ -57,6 +74,31 @@ def length_order(adapter: VLMAdapter, items: Sequence[tuple[Sample, Condition]],
         return (adapter.n_visual_tokens(s.width, s.height), len(adapter.prompt(task, s.category)), s.sample_id, i)
 
     return sorted(range(len(items)), key=key)
+
+
+def max_new_tokens(adapter: VLMAdapter, task: str) -> int:
+    """Tokens the task's call may generate after the prompt (0: one forward pass, yes/no scoring)."""
+    if task == "classification":
+        open_mode = str(adapter.cfg.classification.mode) != "yes_no"
+        return int(adapter.cfg.classification.max_new_tokens) if open_mode else 0
+    if task == "localization":
+        return int(adapter.cfg.localization.max_new_tokens)
+    raise ValueError(f"unknown task {task!r}")
+
+
+@contextlib.contextmanager
+def intervene(
+    adapter: VLMAdapter,
+    edits: Sequence[Sequence[TokenEdit]],
+    knockouts: Sequence[Knockout],
+    heads: Sequence[Sequence[HeadEdit]],
+) -> Iterator[None]:
+    """Install per-row token edits, knockouts and head edits for one forward pass or generate call."""
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(edit_lm_input(adapter, edits))
+        stack.enter_context(knockout(adapter, knockouts))
+        stack.enter_context(edit_heads(adapter, heads))
+        yield
 
 
 def _batches(order: list[int], batch_size: int) -> Iterator[list[int]]:
@@ -77,8 +119,12 @@ def evaluate(
     """One row per sample x task x condition (results schema), minus keys in `skip`.
 
     Rows of different conditions share batches: one forward pass carries many conditions.
-    Row order: task, then sample, then condition, as given.
+    Row order: task, then sample, then condition, as given. Extra columns: n_visual, n_edited,
+    frac_edited (token edits); knockout_keys (key positions blocked) when a condition knocks out
+    attention; heads_edited (distinct (layer, head) pairs) when a condition edits heads.
     """
+    with_knockout = any(c.knockout is not None for c in conditions)
+    with_heads = any(c.heads is not None for c in conditions)
     frames = []
     for task in tasks:
         items = [
@@ -93,13 +139,14 @@ def evaluate(
             chunk = [items[i] for i in idx]
             images = {s.sample_id: s.load_image() for s, _ in chunk}
             batch = adapter.prepare([images[s.sample_id] for s, _ in chunk], [adapter.prompt(task, s.category) for s, _ in chunk])
-            edits = [
-                c.edits(s, layout, task) if c.edits is not None else []
-                for (s, c), layout in zip(chunk, batch.layouts)
-            ]
-            with edit_lm_input(adapter, edits):
+            rows_in = list(zip(chunk, batch.layouts))
+            seq = batch.seq_len
+            edits = [c.edits(s, lay, task) if c.edits is not None else [] for (s, c), lay in rows_in]
+            kos = [c.knockout(s, lay, task, seq) if c.knockout is not None else Knockout.none() for (s, c), lay in rows_in]
+            heads = [c.heads(s, lay, task, seq) if c.heads is not None else [] for (s, c), lay in rows_in]
+            with intervene(adapter, edits, kos, heads):
                 results = _run_task(adapter, batch, [s for s, _ in chunk], task)
-            for i, (sample, cond), res, layout, row_edits in zip(idx, chunk, results, batch.layouts, edits):
+            for i, (sample, cond), res, layout, row_edits, ko, row_heads in zip(idx, chunk, results, batch.layouts, edits, kos, heads):
                 n_edited = sum(e.n for e in row_edits)
                 rows[i] = {
                     **_base_row(sample, task, cond.name),
@@ -107,6 +154,8 @@ def evaluate(
                     "n_visual": layout.n_visual,
                     "n_edited": n_edited,
                     "frac_edited": n_edited / layout.n_visual,
+                    **({"knockout_keys": 0 if ko.empty else len(ko.keys)} if with_knockout else {}),
+                    **({"heads_edited": len({(e.layer, e.head) for e in row_heads})} if with_heads else {}),
                     **dict(cond.columns),
                 }
             bar.update(len(idx))
@@ -131,16 +180,15 @@ def _base_row(sample: Sample, task: str, condition: str) -> dict[str, Any]:
 
 
 def _run_task(adapter: VLMAdapter, batch: PreparedBatch, chunk: Sequence[Sample], task: str) -> list[dict[str, Any]]:
+    new_tokens = max_new_tokens(adapter, task)
     if task == "classification":
         if str(adapter.cfg.classification.mode) == "yes_no":
             p_yes = yes_probability(adapter, next_token_logprobs(adapter, batch))
             return [classification_outcome(float(p)) for p in p_yes]
-        answers = generate(adapter, batch, int(adapter.cfg.classification.max_new_tokens))
+        answers = generate(adapter, batch, new_tokens)
         return [open_classification_outcome(adapter, a, s) for a, s in zip(answers, chunk)]
-    if task == "localization":
-        answers = generate(adapter, batch, int(adapter.cfg.localization.max_new_tokens))
-        return [localization_outcome(adapter, a, s) for a, s in zip(answers, chunk)]
-    raise ValueError(f"unknown task {task!r}")
+    answers = generate(adapter, batch, new_tokens)
+    return [localization_outcome(adapter, a, s) for a, s in zip(answers, chunk)]
 
 
 def classification_outcome(p_yes: float) -> dict[str, Any]:
