@@ -50,19 +50,55 @@ def head_slice(adapter: VLMAdapter, head: int) -> slice:
     return slice(head * adapter.head_dim, (head + 1) * adapter.head_dim)
 
 
-def _edit_rows(x: torch.Tensor, row: int, e: HeadEdit, sl: slice, pos: torch.Tensor) -> None:
-    """x[row, :, sl] edited in place for the call's absolute positions `pos` [T]."""
-    keep = torch.ones_like(pos, dtype=torch.bool)
-    if e.positions is not None:
-        keep = torch.isin(pos, torch.as_tensor(e.positions, device=pos.device))
-    value = e.value.to(device=x.device, dtype=x.dtype)
-    if value.dim() == 1:
-        x[row, keep, sl] = value
-        return
-    inside = keep & (pos < value.shape[0])
-    x[row, inside, sl] = value[pos[inside]]
-    if e.tail is not None:
-        x[row, keep & (pos >= value.shape[0]), sl] = e.tail.to(device=x.device, dtype=x.dtype)
+@dataclass
+class _Group:
+    """Edits of one layer that share positions and value layout, applied as one indexed write."""
+
+    rows: list[int]
+    heads: list[int]
+    values: list[torch.Tensor]
+    tails: list[torch.Tensor]
+    positions: np.ndarray | None
+    stacked: tuple[torch.Tensor, ...] | None = None
+
+    def tensors(self, device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
+        if self.stacked is None:
+            rows = torch.as_tensor(self.rows, device=device)
+            heads = torch.as_tensor(self.heads, device=device)
+            values = torch.stack(self.values).to(device=device, dtype=dtype)
+            tails = torch.stack(self.tails).to(device=device, dtype=dtype) if self.tails else None
+            where = None if self.positions is None else torch.as_tensor(self.positions, device=device)
+            self.stacked = (rows, heads, values, tails, where)
+        return self.stacked
+
+    def apply(self, x4: torch.Tensor, pos: torch.Tensor) -> None:
+        """x4: [batch, T, n_heads, head_dim] edited in place; pos: [T] absolute positions of the call."""
+        rows, heads, values, tails, where = self.tensors(x4.device, x4.dtype)
+        keep = torch.ones_like(pos, dtype=torch.bool) if where is None else torch.isin(pos, where)
+        if values.dim() == 2:  # one vector per edit, broadcast over positions
+            t = torch.nonzero(keep).flatten()
+            x4[rows[:, None], t[None, :], heads[:, None]] = values[:, None, :].expand(-1, len(t), -1)
+            return
+        t = torch.nonzero(keep & (pos < values.shape[1])).flatten()
+        x4[rows[:, None], t[None, :], heads[:, None]] = values[:, pos[t]]
+        if tails is not None:
+            t = torch.nonzero(keep & (pos >= values.shape[1])).flatten()
+            x4[rows[:, None], t[None, :], heads[:, None]] = tails[:, None, :].expand(-1, len(t), -1)
+
+
+def _groups(layer_edits: list[tuple[int, HeadEdit]]) -> list[_Group]:
+    """Group one layer's edits by (positions, value shape, tail presence)."""
+    groups: dict[tuple, _Group] = {}
+    for row, e in layer_edits:
+        pos_key = None if e.positions is None else np.asarray(e.positions, dtype=np.int64).tobytes()
+        key = (pos_key, tuple(e.value.shape), e.tail is not None)
+        g = groups.setdefault(key, _Group([], [], [], [], e.positions))
+        g.rows.append(row)
+        g.heads.append(e.head)
+        g.values.append(e.value)
+        if e.tail is not None:
+            g.tails.append(e.tail)
+    return list(groups.values())
 
 
 @contextlib.contextmanager
@@ -71,30 +107,34 @@ def edit_heads(adapter: VLMAdapter, edits: Sequence[Sequence[HeadEdit]], offset:
 
     offset: absolute position of the first token of the first call (run_from_layer with
     start > 0). Later calls (generation steps) continue from where the previous call ended,
-    so per-position values and position sets stay aligned during generation.
+    so per-position values and position sets stay aligned during generation. Edits of a layer
+    are grouped and written with one indexed assignment per group, so the cost per call does
+    not grow with the number of edited heads.
     """
     by_layer: dict[int, list[tuple[int, HeadEdit]]] = {}
     for row, row_edits in enumerate(edits):
         for e in row_edits:
             by_layer.setdefault(e.layer, []).append((row, e))
     handles = []
+    n_heads, head_dim = adapter.n_heads, adapter.head_dim
 
-    def make_hook(layer_edits: list[tuple[int, HeadEdit]]):
+    def make_hook(groups: list[_Group]):
         seen = [offset]
 
         def hook(module, args):
             x = args[0].clone()
             pos = torch.arange(seen[0], seen[0] + x.shape[1], device=x.device)
             seen[0] += x.shape[1]
-            for row, e in layer_edits:
-                _edit_rows(x, row, e, head_slice(adapter, e.head), pos)
+            x4 = x.view(*x.shape[:2], n_heads, head_dim)
+            for g in groups:
+                g.apply(x4, pos)
             return (x,)
 
         return hook
 
     try:
         for layer, layer_edits in by_layer.items():
-            handles.append(adapter.o_proj(layer).register_forward_pre_hook(make_hook(layer_edits)))
+            handles.append(adapter.o_proj(layer).register_forward_pre_hook(make_hook(_groups(layer_edits))))
         yield
     finally:
         for h in handles:
