@@ -100,6 +100,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--tiny", action="store_true", help="CPU smoke run on a tiny shape")
     ap.add_argument("--layers", type=int, default=8, help="layers sampled (evenly) for the per-head averages")
+    ap.add_argument("--profile", action="store_true", help="print the top CUDA ops of one text-only patched layer")
     args = ap.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() and not args.tiny else "cpu")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
@@ -140,6 +141,15 @@ def main() -> None:
     print(f"  batch-1 hook loop          {loop * 1e3:8.2f} ms")
     print(f"  engine, all positions      {eng_all * 1e3:8.2f} ms   ({loop / eng_all:.1f}x faster)   target <= 8 ms")
     print(f"  engine, text positions     {eng_txt * 1e3:8.2f} ms   ({loop / eng_txt:.1f}x faster)   target <= 1.5 ms")
+
+    if args.profile:
+        from torch.profiler import ProfilerActivity, profile
+
+        acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+        with profile(activities=acts) as prof:
+            engine_layer(n_layers // 2, True)
+        sort = "cuda_time_total" if device.type == "cuda" else "cpu_time_total"
+        print(prof.key_averages().table(sort_by=sort, row_limit=12))
 
     lay = base.layouts[0]
     q = post_image_queries(lay.positions, T)
