@@ -202,6 +202,38 @@ def capture_layer_inputs(adapter: VLMAdapter, inputs: dict[str, torch.Tensor]) -
     return LayerInputs(hidden=hidden, kwargs=shared, cache=cache, logits=out.logits.detach(), seq_len=inputs["input_ids"].shape[1])
 
 
+class PrefilledKV:
+    """A KV cache for `n` rows that share a computed prefix: one preallocated buffer per layer.
+
+    The prefix keys/values are copied into each row once; every attention call then writes the
+    new positions in place and reads the buffer up to them, instead of concatenating the whole
+    prefix onto the new keys at every layer (which dominated restarts on GPU). It implements
+    what a decoder layer's attention uses of a cache (`update`, `get_seq_length`).
+    """
+
+    def __init__(self, clean_cache: Any, layers: range, n: int, start: int, total: int) -> None:
+        self.keys: dict[int, torch.Tensor] = {}
+        self.values: dict[int, torch.Tensor] = {}
+        self.filled = {i: start for i in layers}
+        for i in layers:
+            k, v = clean_cache.layers[i].keys, clean_cache.layers[i].values
+            self.keys[i] = k.new_empty(n, k.shape[1], total, k.shape[3])
+            self.values[i] = v.new_empty(n, v.shape[1], total, v.shape[3])
+            self.keys[i][:, :, :start] = k[:, :, :start]
+            self.values[i][:, :, :start] = v[:, :, :start]
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args: Any, **kwargs: Any):
+        a = self.filled[layer_idx]
+        b = a + key_states.shape[2]
+        self.keys[layer_idx][:, :, a:b] = key_states
+        self.values[layer_idx][:, :, a:b] = value_states
+        self.filled[layer_idx] = b
+        return self.keys[layer_idx][:, :, :b], self.values[layer_idx][:, :, :b]
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return self.filled.get(layer_idx, 0)
+
+
 def _expand(x: Any, n: int) -> Any:
     if isinstance(x, torch.Tensor):
         return x.expand(n, *x.shape[1:]) if x.shape[0] == 1 else x
@@ -225,11 +257,8 @@ def run_from_layer(
     h = clean.hidden[layer][:, start:].expand(n_rows, -1, -1)
     mask = kw.get("attention_mask")
     if start > 0:
-        cache = DynamicCache(config=adapter.text_config)
-        for i in range(layer, adapter.n_layers):  # layers below `layer` are never run again
-            k, v = clean.cache.layers[i].keys, clean.cache.layers[i].values
-            cache.update(k[:, :, :start].expand(n_rows, -1, -1, -1).contiguous(), v[:, :, :start].expand(n_rows, -1, -1, -1).contiguous(), i)
-        kw["past_key_values"] = cache
+        # layers below `layer` are never run again, so only the others get a cache
+        kw["past_key_values"] = PrefilledKV(clean.cache, range(layer, adapter.n_layers), n_rows, start, clean.seq_len)
         q_len = clean.seq_len - start
         kw["attention_mask"] = _causal(n_rows, q_len, clean.seq_len, h.device) if mask is None else mask[:, :, start:, : clean.seq_len]
         cos, sin = kw["position_embeddings"]
@@ -239,6 +268,7 @@ def run_from_layer(
     else:
         kw["past_key_values"] = None
     kw["use_cache"] = start > 0
+    kw.pop("cache_position", None)  # positions are implied by the prefilled cache
     kw = {k: _expand(v, n_rows) for k, v in kw.items()}
     for i in range(layer, adapter.n_layers):
         h = adapter.layers[i](h, **kw)
