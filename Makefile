@@ -3,8 +3,9 @@ MODEL ?= tiny_llava
 DATA ?= synthetic
 ARGS ?=
 PY ?= python
+IMAGENET ?= /data/imagenet
 
-.PHONY: help install demo baseline table1 table2 table3 fig1 fig3 fig4 fig5 pairs test test-slow test-all clean
+.PHONY: help install demo baseline table1 table2 table3 fig1 fig2 fig3 fig4 fig5 pairs test test-slow test-all clean
 
 help:  ## list the targets
 	@grep -E '^[a-zA-Z0-9_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  %-12s %s\n", $$1, $$2}'
@@ -33,6 +34,9 @@ table3:  ## view ablation, InternVL only (Table 3, Fig. 10), e.g. make table3 MO
 
 fig4:  ## causal mediation per head, e.g. make fig4 MODEL=llava7b ARGS="data.pairs_dir=outputs/make_pairs-llava7b-coco data.n=50"
 	$(PY) -m vlmloc experiment=cma model=$(MODEL) data=pairs $(ARGS)
+
+fig2:  ## position probes (Fig. 2, 11): make fig2 MODEL=llava7b [IMAGENET=/data/imagenet]; tiny models use the synthetic scenes
+	$(PY) -m vlmloc experiment=position_probe model=$(MODEL) $(if $(filter tiny_%,$(MODEL)),data=synthetic,data=imagenet data.root=$(IMAGENET) batch_size=16 experiment.num_workers=8) $(ARGS)
 
 fig3:  ## attention knockout (Fig. 3, 12), e.g. make fig3 MODEL=llava7b DATA=coco ARGS="data.root=/data/coco"
 	$(PY) -m vlmloc experiment=knockout model=$(MODEL) data=$(DATA) $(ARGS)

@@ -106,5 +106,7 @@ def run(cfg: DictConfig, run_dir: Path) -> None:
         module.check_config(cfg)
     ctx = RunContext(cfg=cfg, run_dir=Path(run_dir))
     ctx.run_dir.mkdir(parents=True, exist_ok=True)
-    ctx.check_inputs()
+    # experiments with their own data (image folders) check their inputs themselves
+    check = getattr(module, "check_inputs", None)
+    check(ctx) if check is not None else ctx.check_inputs()
     module.run(ctx)
