@@ -51,6 +51,7 @@ from vlmloc.engine.heads import HeadEdit, head_slice
 from vlmloc.evaluation import BASELINE, Condition, evaluate
 from vlmloc.models.adapter import VLMAdapter
 from vlmloc.models.layout import VisualLayout
+from vlmloc.experiments.reporting import task_columns
 from vlmloc.results import TASKS, add_baseline_delta, atomic_write, summarize, to_markdown
 from vlmloc.selection import row_rng
 
@@ -356,11 +357,7 @@ def ablation_table(results: pd.DataFrame, names: Sequence[str]) -> pd.DataFrame:
         if cond not in first.index:
             continue
         row: dict[str, Any] = {"condition": cond, "head_set": first.loc[cond, "head_set"], "k": int(first.loc[cond, "k"]), "n": None}
-        for task, short in (("localization", "loc"), ("classification", "cls")):
-            if (cond, task) in summary.index:
-                row["n"] = int(summary.loc[(cond, task), "n"])
-                row[short] = summary.loc[(cond, task), "accuracy"]
-                row[f"{short}_delta"] = summary.loc[(cond, task), "delta"]
+        row.update(task_columns(summary, cond))
         rows.append(row)
     return pd.DataFrame(rows)
 

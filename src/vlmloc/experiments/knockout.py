@@ -37,6 +37,7 @@ from vlmloc.data.sample import Sample
 from vlmloc.engine.knockout import Knockout, post_image_queries
 from vlmloc.evaluation import BASELINE, Condition, evaluate, max_new_tokens
 from vlmloc.models.layout import VisualLayout
+from vlmloc.experiments.reporting import task_columns
 from vlmloc.results import add_baseline_delta, atomic_write, summarize, to_markdown
 from vlmloc.selection import object_positions, random_positions, row_rng
 
@@ -229,11 +230,7 @@ def knockout_table(results: pd.DataFrame, names: Sequence[str]) -> pd.DataFrame:
             "key_tokens": n_keys.get(cond),
             "n": None,
         }
-        for task, short in (("localization", "loc"), ("classification", "cls")):
-            if (cond, task) in summary.index:
-                row["n"] = int(summary.loc[(cond, task), "n"])
-                row[short] = summary.loc[(cond, task), "accuracy"]
-                row[f"{short}_delta"] = summary.loc[(cond, task), "delta"]
+        row.update(task_columns(summary, cond))
         rows.append(row)
     return pd.DataFrame(rows)
 

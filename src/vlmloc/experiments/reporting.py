@@ -9,6 +9,17 @@ import pandas as pd
 from vlmloc.results import add_baseline_delta, summarize, to_markdown
 
 
+def task_columns(summary: pd.DataFrame, condition: str) -> dict:
+    """n, loc, loc_delta, cls, cls_delta of one condition from a summary indexed by (condition, task)."""
+    out: dict = {}
+    for task, short in (("localization", "loc"), ("classification", "cls")):
+        if (condition, task) in summary.index:
+            out["n"] = int(summary.loc[(condition, task), "n"])
+            out[short] = summary.loc[(condition, task), "accuracy"]
+            out[f"{short}_delta"] = summary.loc[(condition, task), "delta"]
+    return out
+
+
 def paper_table(results: pd.DataFrame, conditions: Sequence[str]) -> pd.DataFrame:
     """One row per condition: % visual tokens edited, localization and classification accuracy (%) and
     their change from the baseline (points), in the given condition order."""
@@ -17,11 +28,7 @@ def paper_table(results: pd.DataFrame, conditions: Sequence[str]) -> pd.DataFram
     rows = []
     for cond in conditions:
         row = {"condition": cond, "n": None, "tokens_%": frac.get(cond)}
-        for task, short in (("localization", "loc"), ("classification", "cls")):
-            if (cond, task) in summary.index:
-                row["n"] = int(summary.loc[(cond, task), "n"])
-                row[short] = summary.loc[(cond, task), "accuracy"]
-                row[f"{short}_delta"] = summary.loc[(cond, task), "delta"]
+        row.update(task_columns(summary, cond))
         rows.append(row)
     return pd.DataFrame(rows)
 
