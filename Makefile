@@ -1,11 +1,11 @@
 # vlmloc make targets. MODEL, DATA and ARGS pass through to the Hydra command line.
-MODEL ?= tiny_llava
+MODEL ?= demo_llava
 DATA ?= synthetic
 ARGS ?=
 PY ?= python
 IMAGENET ?= /data/imagenet
 
-.PHONY: help install demo baseline table1 table2 table3 fig1 fig2 fig3 fig4 fig5 pairs test test-slow test-all clean
+.PHONY: help install train-demo demo baseline table1 table2 table3 fig1 fig2 fig3 fig4 fig5 pairs test test-slow test-all clean
 
 help:  ## list the targets
 	@grep -E '^[a-zA-Z0-9_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  %-12s %s\n", $$1, $$2}'
@@ -13,7 +13,10 @@ help:  ## list the targets
 install:  ## install the package with test and SLURM extras (CPU torch first)
 	pip install torch==2.13.0 && pip install -e ".[dev,slurm]"
 
-demo:  ## the embedded default: baseline on the tiny LLaVA over synthetic scenes (CPU, < 1 min)
+train-demo:  ## retrain a demo model on a GPU: make train-demo MODEL=demo_llava ARGS="device=cuda"
+	$(PY) scripts/train_demo.py configs/train/$(MODEL).yaml $(ARGS)
+
+demo:  ## the embedded default: baseline on demo_llava over held-out synthetic scenes (CPU, < 1 min)
 	$(PY) -m vlmloc $(ARGS)
 
 baseline:  ## baseline evaluation, e.g. make baseline MODEL=llava7b DATA=coco ARGS="data.root=/data/coco"

@@ -22,6 +22,14 @@ from vlmloc.results import atomic_write
 log = logging.getLogger("vlmloc.engine")
 
 
+def _weights_stamp(path: Any) -> list | None:
+    """(name, size, mtime) of a local checkpoint's weight files; None for hub ids and tiny builds."""
+    if path is None or not Path(str(path)).is_dir():
+        return None
+    files = sorted(Path(str(path)).glob("*.safetensors")) + sorted(Path(str(path)).glob("*.bin"))
+    return [(f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in files]
+
+
 def _cache_key(ctx: Any) -> tuple[str, dict[str, Any]]:
     cfg = ctx.cfg
     ident = {
@@ -31,6 +39,8 @@ def _cache_key(ctx: Any) -> tuple[str, dict[str, Any]]:
         "data": OmegaConf.to_container(cfg.data, resolve=True),
         "n_images": int(cfg.mean_embedding.n_images),
         "dtype": str(cfg.model.dtype),
+        # a local checkpoint retrained in place must not reuse the old vector
+        "weights": _weights_stamp(cfg.model.path),
     }
     digest = hashlib.sha256(json.dumps(ident, sort_keys=True, default=str).encode()).hexdigest()[:16]
     return f"{cfg.model.name}-{cfg.data.name}-{digest}", ident
