@@ -18,14 +18,14 @@ from typing import Any
 from vlmloc.data.coco import DataError, Filters, load_coco
 from vlmloc.data.sample import Sample
 
-__all__ = ["DataError", "Filters", "Sample", "load_samples"]
+__all__ = ["DataError", "Filters", "Sample", "load_samples", "plain_config"]
 
 KINDS = ("coco", "synthetic", "fixture", "pairs")
 
 
 def load_samples(data_cfg: Any) -> tuple[list[Sample], list[dict[str, Any]]]:
     """`data` config (DictConfig or mapping) -> (samples sorted by (image_id, ann_id), filter report)."""
-    cfg = _plain(data_cfg)
+    cfg = plain_config(data_cfg)
     kind = cfg.get("kind")
     if kind == "coco":
         annotations, images = Path(_required(cfg, "annotations")), Path(_required(cfg, "images"))
@@ -50,8 +50,8 @@ def load_samples(data_cfg: Any) -> tuple[list[Sample], list[dict[str, Any]]]:
     return load_coco(annotations, images, filters=cfg.get("filters"), n=cfg.get("n"), seed=cfg.get("seed", 0))
 
 
-def _plain(data_cfg: Any) -> dict[str, Any]:
-    """Resolve an OmegaConf config to plain containers; missing values become DataErrors."""
+def plain_config(data_cfg: Any, user: str = "load_samples") -> dict[str, Any]:
+    """Resolve a `data` config to plain containers; missing values (???) become DataErrors."""
     try:
         from omegaconf import DictConfig, OmegaConf
         from omegaconf.errors import InterpolationResolutionError, MissingMandatoryValue
@@ -67,7 +67,7 @@ def _plain(data_cfg: Any) -> dict[str, Any]:
             raise DataError(f"cannot resolve the data config: {e}") from e
     if isinstance(data_cfg, Mapping):
         return dict(data_cfg)
-    raise DataError(f"load_samples needs the `data` config (a mapping), got {type(data_cfg).__name__}")
+    raise DataError(f"{user} needs the `data` config (a mapping), got {type(data_cfg).__name__}")
 
 
 def _required(cfg: Mapping[str, Any], key: str) -> Any:

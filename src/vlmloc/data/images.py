@@ -127,31 +127,14 @@ def load_image_split(data_cfg: Any) -> ImageSplit:
 
     Data configs without the split keys (synthetic, fixture) get the defaults: 20% test, rest train.
     """
-    cfg = _resolve(data_cfg)
+    from vlmloc.data import plain_config  # the package imports this module lazily: no cycle
+
+    cfg = plain_config(data_cfg, "an image split")
     folder = image_folder(cfg)
     paths = list_images(folder)
     seed = int(cfg.get("seed") or 0)
     train, test = split_images(paths, cfg.get("n_train"), cfg.get("n_test"), seed, cfg.get("test_frac", 0.2))
     return ImageSplit(folder=folder, train=train, test=test, n_available=len(paths), seed=seed)
-
-
-def _resolve(data_cfg: Any) -> dict[str, Any]:
-    """Plain dict of the data config; a missing required value (???) becomes a DataError."""
-    from omegaconf import DictConfig, OmegaConf
-    from omegaconf.errors import InterpolationResolutionError, MissingMandatoryValue
-
-    if isinstance(data_cfg, DictConfig):
-        try:
-            return OmegaConf.to_container(data_cfg, resolve=True, throw_on_missing=True)  # type: ignore[return-value]
-        except MissingMandatoryValue as err:
-            key = str(err.full_key)
-            key = key if key.startswith("data.") else f"data.{key}"
-            raise DataError(f"{key} is required (it is ??? in the config): pass {key}=...") from err
-        except InterpolationResolutionError as err:
-            raise DataError(f"cannot resolve the data config: {err}") from err
-    if isinstance(data_cfg, Mapping):
-        return dict(data_cfg)
-    raise DataError(f"an image split needs the `data` config (a mapping), got {type(data_cfg).__name__}")
 
 
 def open_rgb(path: str | os.PathLike) -> Image.Image:
