@@ -7,6 +7,7 @@ download fails in seconds with a message that says what to do.
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -108,15 +109,20 @@ def _load_processor(family: str, path: str, revision: str | None) -> Any:
     )
 
 
+def prompt_corpus(cfg: Any, categories: Sequence[str]) -> list[str]:
+    """The full prompt of both tasks for every category, with the family's image placeholder."""
+    placeholder = "<image>" if ADAPTERS[str(cfg.family)] is LlavaAdapter else "<IMG_CONTEXT>"
+    texts = []
+    for category in categories:
+        for task in ("classification", "localization"):
+            q = str(cfg.prompts[task]).format(category=category)
+            texts.append(str(cfg.prompts.template).format(image=placeholder, question=q))
+    return texts
+
+
 def tiny_corpus(cfg: DictConfig) -> list[str]:
     """Texts a tiny tokenizer is trained on: the configured prompts and answers."""
-    adapter_cls = ADAPTERS[str(cfg.family)]
-    placeholder = "<image>" if adapter_cls is LlavaAdapter else "<IMG_CONTEXT>"
-    texts = []
-    for word in _TINY_WORDS:
-        for task in ("classification", "localization"):
-            q = str(cfg.prompts[task]).format(category=word)
-            texts.append(str(cfg.prompts.template).format(image=placeholder, question=q))
+    texts = prompt_corpus(cfg, _TINY_WORDS)
     prefix = str(cfg.classification.answer_prefix)
     # Answer words repeated so that each becomes one token, as in real vocabularies.
     texts += [prefix + w for w in list(cfg.classification.yes_words) + list(cfg.classification.no_words)] * 50
