@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from vlmloc.engine.heads import HeadEdit, capture_heads, capture_layer_inputs, edit_heads, head_slice, run_from_layer
+from vlmloc.engine.prefix import first_post_image_position
 from vlmloc.models.adapter import PreparedBatch, VLMAdapter
 
 
@@ -68,7 +69,7 @@ def head_mediation(
     p_src = float(answer_probability(adapter, src_logits, source.inputs["input_ids"][0], target)[0])
     clean = capture_layer_inputs(adapter, base.inputs)
     p_base = float(answer_probability(adapter, clean.logits, ids, target)[0])
-    start = int(base.layouts[0].positions.max()) + 1 if text_only else 0
+    start = first_post_image_position(base) if text_only else 0
     if text_only and target.answer_len >= base.seq_len - start:
         raise ValueError("the answer must lie after the image")
     positions = np.arange(start, base.seq_len) if text_only else None
