@@ -160,6 +160,10 @@ def load_adapter(cfg: DictConfig) -> VLMAdapter:
         else:
             device = model.get_input_embeddings().weight.device
         processor = _load_processor(family, str(cfg.path), cfg.revision)
+    if bool(cfg.fused_rms_norm):
+        from vlmloc.models.fused_norm import fuse_rms_norms
+
+        log.info("fused rms_norm in %d norms", fuse_rms_norms(model))
     model.eval()
     model.requires_grad_(False)
     return ADAPTERS[family](model, processor, cfg, device)
