@@ -6,7 +6,13 @@ Measures, in one run and side by side:
   the engine (one head per batch row, restart at the patched layer), patching at all positions
   and at text positions only (image prefix from the base run's KV cache); averaged over layers;
 - attention knockout, per condition: full forwards of a batch of conditions against the image
-  prefix computed once and only the suffix per condition.
+  prefix computed once and only the suffix per condition;
+- what each of the engine's savings buys at all positions: fused RMSNorm (`model.fused_rms_norm`),
+  the patched layer's attention reused from the base run, the last layer's MLP on the kept
+  positions only; each switched on in turn, from none of them.
+
+The sequence is `--seq-len` tokens (default 612, the paper's LLaVA-1.5 localization sequence:
+576 image tokens and 36 text tokens); `--also-seq-len` repeats the engine figure at another length.
 
     PYTHONPATH=src python scripts/bench_circuits.py            # GPU, bf16, sdpa
     PYTHONPATH=src python scripts/bench_circuits.py --tiny     # a CPU smoke run of the same code
@@ -25,9 +31,11 @@ import torch
 from omegaconf import OmegaConf
 from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
 
+import vlmloc.engine.heads as heads_mod
 from vlmloc.engine.heads import HeadEdit, capture_heads, capture_layer_inputs, edit_heads, head_slice, run_from_layer
 from vlmloc.engine.knockout import Knockout, knockout, post_image_queries
 from vlmloc.engine.prefix import first_post_image_position, run_prefix, suffix_next_token_logprobs
+from vlmloc.models.fused_norm import fuse_rms_norms
 from vlmloc.models.llava import LlavaAdapter
 from vlmloc.models.tiny import build_tiny_llava
 
@@ -95,19 +103,76 @@ def image(seed: int):
     return Image.fromarray(rng.integers(0, 256, (400, 500, 3), dtype=np.uint8))
 
 
+def text_of_length(ad: LlavaAdapter, seq_len: int) -> str:
+    """The localization prompt plus a box answer, cut or extended to exactly seq_len tokens with the image."""
+    text = ad.prompt("localization", "motorcycle") + " [0.61, 0.36, 0.92, 0.83]"
+    while ad.prepare([image(0)], [text]).seq_len > seq_len:
+        text = text[:-1]
+    while ad.prepare([image(0)], [text]).seq_len < seq_len:
+        text += " 9"
+    if ad.prepare([image(0)], [text]).seq_len != seq_len:
+        raise ValueError(f"cannot reach {seq_len} tokens")
+    return text
+
+
+def set_fused_norms(ad: LlavaAdapter, on: bool) -> None:
+    for m in ad.model.modules():
+        m.__dict__.pop("forward", None)
+    if on:
+        fuse_rms_norms(ad.model)
+
+
+_PRE_NORM_LAYER = heads_mod._pre_norm_layer
+
+
+def set_last_layer_keep(on: bool) -> None:
+    """Switch the engine's last-layer saving (MLP on kept positions only) on or off."""
+    heads_mod._pre_norm_layer = _PRE_NORM_LAYER if on else (lambda layer, h, kw, heads, keep: _PRE_NORM_LAYER(layer, h, kw, heads, None))
+
+
+def numerics(ad: LlavaAdapter, batch, runs: dict[str, torch.Tensor]) -> None:
+    """Each low-precision run's logits against the same model in float32 (float32 norms, sdpa).
+
+    Both RMSNorm forwards round the same formula differently in bfloat16; what matters is whether
+    either lands farther from the exact computation. Eager attention is listed for scale: a choice
+    the model config already offers. Leaves the model in float32.
+    """
+    set_fused_norms(ad, False)
+    ad.model.set_attn_implementation("eager")
+    runs = {**runs, "eager attention": ad.model(**batch.inputs).logits.float()}
+    ad.model.set_attn_implementation("sdpa")
+    ad.model.float()
+    truth = ad.model(**batch.inputs).logits.float()
+    print("numerics: logits [1, seq, vocab] against the float32 model (max |difference|, share of positions with its argmax):")
+    for name, logits in runs.items():
+        same = float((logits.argmax(-1) == truth.argmax(-1)).float().mean())
+        print(f"  {name:<16} {float((logits - truth).abs().max()):8.3g}   {same:.4f}")
+    print(f"  (logits up to {float(truth.abs().max()):.3g})")
+
+
 @torch.no_grad()
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--tiny", action="store_true", help="CPU smoke run on a tiny shape")
     ap.add_argument("--layers", type=int, default=8, help="layers sampled (evenly) for the per-head averages")
-    ap.add_argument("--profile", action="store_true", help="print the top CUDA ops of one text-only patched layer")
+    ap.add_argument("--profile", action="store_true", help="print the top CUDA ops of one all-positions patched layer")
+    ap.add_argument("--seq-len", type=int, default=612, help="tokens per sequence (image + text)")
+    ap.add_argument("--numerics", action="store_true", help="compare bf16 logits (reference/fused norm, eager) with float32, then stop")
+    ap.add_argument("--also-seq-len", type=int, default=None, help="repeat the engine figure at this length too")
     args = ap.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() and not args.tiny else "cpu")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     ad = build("tiny" if args.tiny else "llava7b", device, dtype)
     n_heads, n_layers = ad.n_heads, ad.n_layers
-    text = ad.prompt("localization", "motorcycle") + " [0.61, 0.36, 0.92, 0.83]"
+    text = text_of_length(ad, args.seq_len)
     src, base = ad.prepare([image(0)], [text]), ad.prepare([image(1)], [text])
+    set_fused_norms(ad, False)
+    plain_logits = ad.model(**base.inputs).logits.float()
+    set_fused_norms(ad, True)
+    fused_logits = ad.model(**base.inputs).logits.float()
+    if args.numerics:
+        numerics(ad, base, {"reference norm": plain_logits, "fused rms_norm": fused_logits})
+        return
     T = base.seq_len
     print(f"device={torch.cuda.get_device_name() if device.type == 'cuda' else 'cpu'} dtype={dtype} "
           f"seq_len={T} layers={n_layers} heads={n_heads} torch={torch.__version__}")
@@ -129,25 +194,48 @@ def main() -> None:
 
     loop = statistics.mean(timed(lambda L=L: hook_loop_head(L, 0), device) for L in layers)
 
-    def engine_layer(layer: int, text_only: bool) -> None:
+    def engine_layer(layer: int, text_only: bool, reuse: bool = True, clean=clean, S=S, start=start, text_pos=text_pos) -> None:
         pos = text_pos if text_only else None
         edits = [[HeadEdit(layer, h, S[layer][0, :, head_slice(ad, h)], pos)] for h in range(n_heads)]
         with edit_heads(ad, edits, offset=start if text_only else 0):
-            run_from_layer(ad, clean, layer, n_heads, start=start if text_only else 0, keep_last=12)
+            run_from_layer(ad, clean, layer, n_heads, start=start if text_only else 0, keep_last=12, reuse_attention=reuse)
 
-    eng_all = statistics.mean(timed(lambda L=L: engine_layer(L, False), device) for L in layers) / n_heads
-    eng_txt = statistics.mean(timed(lambda L=L: engine_layer(L, True), device) for L in layers) / n_heads
+    def per_head(text_only: bool, **kw) -> float:
+        return statistics.mean(timed(lambda L=L: engine_layer(L, text_only, **kw), device) for L in layers) / n_heads
+
     print(f"CMA per patched head (mean over layers {layers}):")
     print(f"  batch-1 hook loop          {loop * 1e3:8.2f} ms")
+    print("  engine, all positions, savings switched on in turn:")
+    set_fused_norms(ad, False)
+    set_last_layer_keep(False)
+    t_none = per_head(False, reuse=False)
+    print(f"    none of them             {t_none * 1e3:8.2f} ms   ({loop / t_none:.1f}x faster than the loop)")
+    set_fused_norms(ad, True)
+    t = per_head(False, reuse=False)
+    print(f"    + fused rms_norm         {t * 1e3:8.2f} ms")
+    t = per_head(False, reuse=True)
+    print(f"    + reused attention       {t * 1e3:8.2f} ms")
+    set_last_layer_keep(True)
+    eng_all = per_head(False)
+    print(f"    + last layer kept rows   {eng_all * 1e3:8.2f} ms")
+    eng_txt = per_head(True)
     print(f"  engine, all positions      {eng_all * 1e3:8.2f} ms   ({loop / eng_all:.1f}x faster)   target <= 8 ms")
     print(f"  engine, text positions     {eng_txt * 1e3:8.2f} ms   ({loop / eng_txt:.1f}x faster)   target <= 1.5 ms")
+    if args.also_seq_len:
+        t2 = text_of_length(ad, args.also_seq_len)
+        s2, b2 = ad.prepare([image(0)], [t2]), ad.prepare([image(1)], [t2])
+        S2, c2 = capture_heads(ad, s2.inputs), capture_layer_inputs(ad, b2.inputs)
+        st2 = first_post_image_position(b2)
+        kw2 = dict(clean=c2, S=S2, start=st2, text_pos=np.arange(st2, b2.seq_len))
+        a2, x2 = per_head(False, **kw2), per_head(True, **kw2)
+        print(f"  at {b2.seq_len} tokens: all positions {a2 * 1e3:.2f} ms, text positions {x2 * 1e3:.2f} ms")
 
     if args.profile:
         from torch.profiler import ProfilerActivity, profile
 
         acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
         with profile(activities=acts) as prof:
-            engine_layer(n_layers // 2, True)
+            engine_layer(n_layers // 2, False)
         sort = "cuda_time_total" if device.type == "cuda" else "cpu_time_total"
         print(prof.key_averages().table(sort_by=sort, row_limit=12))
 

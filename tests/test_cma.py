@@ -122,3 +122,22 @@ def test_cma_end_to_end_and_resume(tmp_path, monkeypatch):
 def test_cma_needs_pairs():
     with pytest.raises(ValueError, match="experiment=cma needs source/base pairs"):
         app.run(compose_cfg("experiment=cma", "model=tiny_llava", "data=synthetic"), "/tmp/unused")
+
+
+@pytest.mark.parametrize("family", ["tiny_llava", "tiny_internvl"])
+def test_restart_shortcuts_equal_the_full_layers(family, request):
+    """keep_last (last layer's MLP on kept positions only) and reuse_attention (the restart layer's
+    attention taken from the clean run) reproduce the clean logits, at start 0 and after the image."""
+    ad = request.getfixturevalue(family)
+    _, base, _ = _pair(ad, "localization")
+    clean = capture_layer_inputs(ad, base.inputs)
+    text_start = int(base.layouts[0].positions.max()) + 1
+    for start in (0, text_start):
+        for layer in range(ad.n_layers):
+            out = run_from_layer(ad, clean, layer, 2, start=start, keep_last=3, reuse_attention=True)
+            assert out.shape[:2] == (2, 3)
+            torch.testing.assert_close(out, clean.logits[:, -3:].expand(2, -1, -1), atol=1e-5, rtol=1e-5)
+    # the reused attention output is really read: perturbing it changes the result
+    clean.heads[0] = clean.heads[0] + 1.0
+    out = run_from_layer(ad, clean, 0, 1, keep_last=3, reuse_attention=True)
+    assert (out - clean.logits[:, -3:]).abs().max() > 1e-3

@@ -166,6 +166,8 @@ class LayerInputs:
     kwargs: the keyword arguments every decoder layer received (mask, rotary embeddings, ...).
     cache: the run's KV cache (for restarts at start > 0).
     logits: [1, seq, vocab] of the clean run.
+    heads: per layer L, its o_proj input [1, seq, n_heads * head_dim] (every head's output), so a
+        restart at L can reuse L's attention instead of recomputing it.
     """
 
     hidden: list[torch.Tensor]
@@ -173,6 +175,7 @@ class LayerInputs:
     cache: Any
     logits: torch.Tensor
     seq_len: int = field(default=0)
+    heads: list[torch.Tensor] | None = None
 
 
 @torch.no_grad()
@@ -192,14 +195,20 @@ def capture_layer_inputs(adapter: VLMAdapter, inputs: dict[str, torch.Tensor]) -
 
         return hook
 
+    heads: list[torch.Tensor] = [None] * adapter.n_layers  # type: ignore[list-item]
     handles = [layer.register_forward_pre_hook(make_hook(i), with_kwargs=True) for i, layer in enumerate(adapter.layers)]
+    handles += [
+        adapter.o_proj(i).register_forward_pre_hook(lambda m, a, i=i: heads.__setitem__(i, a[0].detach()))
+        for i in range(adapter.n_layers)
+    ]
     cache = DynamicCache(config=adapter.text_config)
     try:
         out = adapter.model(**inputs, past_key_values=cache, use_cache=True)
     finally:
         for h in handles:
             h.remove()
-    return LayerInputs(hidden=hidden, kwargs=shared, cache=cache, logits=out.logits.detach(), seq_len=inputs["input_ids"].shape[1])
+    return LayerInputs(hidden=hidden, kwargs=shared, cache=cache, logits=out.logits.detach(),
+                       seq_len=inputs["input_ids"].shape[1], heads=heads)
 
 
 class PrefilledKV:
@@ -242,23 +251,63 @@ def _expand(x: Any, n: int) -> Any:
     return x
 
 
+PRE_NORM_PARTS = {"input_layernorm", "self_attn", "post_attention_layernorm", "mlp"}
+
+
+def _is_pre_norm(layer: torch.nn.Module) -> bool:
+    """Llama/Qwen's decoder layer: h + attn(norm(h)), then h + mlp(norm(h)), and nothing else."""
+    return {name for name, _ in layer.named_children()} == PRE_NORM_PARTS
+
+
+def _pre_norm_layer(
+    layer: torch.nn.Module, h: torch.Tensor, kw: dict[str, Any], heads: torch.Tensor | None, keep: int | None
+) -> torch.Tensor:
+    """One pre-norm decoder layer, written out so that parts of it can be skipped.
+
+    heads: the layer's o_proj input to use instead of computing attention (its edits still apply:
+    they are hooks on o_proj). keep: run the MLP only for the last `keep` positions (all
+    positions still feed attention's keys and values).
+    """
+    if heads is None:
+        a = layer.self_attn(hidden_states=layer.input_layernorm(h), **kw)[0]
+    else:
+        a = layer.self_attn.o_proj(heads)
+    h = h + a
+    if keep is not None:
+        h = h[:, -keep:]
+    return h + layer.mlp(layer.post_attention_layernorm(h))
+
+
 @torch.no_grad()
 def run_from_layer(
-    adapter: VLMAdapter, clean: LayerInputs, layer: int, n_rows: int, *, start: int = 0, keep_last: int | None = None
+    adapter: VLMAdapter,
+    clean: LayerInputs,
+    layer: int,
+    n_rows: int,
+    *,
+    start: int = 0,
+    keep_last: int | None = None,
+    reuse_attention: bool = False,
 ) -> torch.Tensor:
     """Logits [n_rows, seq - start, vocab] of `n_rows` copies of the clean row restarted at `layer`.
 
     Edits installed with edit_heads(..., offset=start) act on the recomputed positions. With
     start > 0, positions < start keep the clean run's keys/values (read from its cache).
-    keep_last: only the last positions' logits (the vocabulary projection of every position
-    costs as much as a few layers).
+    keep_last: only the last positions' logits [n_rows, keep_last, vocab]; the last layer's MLP
+    and the vocabulary projection then run for those positions only.
+    reuse_attention: take layer `layer`'s attention output from the clean run (`clean.heads`)
+    instead of recomputing it, which is exact when only head edits (o_proj hooks) act on that
+    layer: its input is the clean run's. Not with a knockout at `layer`.
     """
     kw = dict(clean.kwargs)
     h = clean.hidden[layer][:, start:].expand(n_rows, -1, -1)
     mask = kw.get("attention_mask")
+    if reuse_attention and clean.heads is None:
+        raise ValueError("reuse_attention needs LayerInputs.heads (capture_layer_inputs records them)")
     if start > 0:
         # layers below `layer` are never run again, so only the others get a cache
-        kw["past_key_values"] = PrefilledKV(clean.cache, range(layer, adapter.n_layers), n_rows, start, clean.seq_len)
+        first_cached = layer + 1 if reuse_attention else layer
+        kw["past_key_values"] = PrefilledKV(clean.cache, range(first_cached, adapter.n_layers), n_rows, start, clean.seq_len)
         q_len = clean.seq_len - start
         kw["attention_mask"] = _causal(n_rows, q_len, clean.seq_len, h.device) if mask is None else mask[:, :, start:, : clean.seq_len]
         cos, sin = kw["position_embeddings"]
@@ -270,8 +319,17 @@ def run_from_layer(
     kw["use_cache"] = start > 0
     kw.pop("cache_position", None)  # positions are implied by the prefilled cache
     kw = {k: _expand(v, n_rows) for k, v in kw.items()}
+    last = adapter.n_layers - 1
     for i in range(layer, adapter.n_layers):
-        h = adapter.layers[i](h, **kw)
+        mod = adapter.layers[i]
+        heads = clean.heads[i][:, start:].expand(n_rows, -1, -1) if reuse_attention and i == layer else None
+        keep = keep_last if i == last and keep_last is not None and keep_last < h.shape[1] else None
+        if (heads is not None or keep is not None) and _is_pre_norm(mod):
+            h = _pre_norm_layer(mod, h, kw, heads, keep)
+            continue
+        if heads is not None:
+            raise ValueError(f"reuse_attention: layer {i} is not a plain pre-norm decoder layer ({type(mod).__name__})")
+        h = mod(h, **kw)
         h = h[0] if isinstance(h, tuple) else h
     if keep_last is not None:
         h = h[:, -keep_last:]

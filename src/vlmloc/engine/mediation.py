@@ -10,7 +10,8 @@ with P the probability of the correct answer: classification, P(yes) / (P(yes) +
 localization, the probability of the source run's box answer under teacher forcing (per-token
 geometric mean by default, or the full product). One batch row per head, so a whole layer is one
 pass; every patched row restarts at its layer from the base run's captured layer input, and with
-text-only patching recomputes only the positions after the image.
+text-only patching recomputes only the positions after the image. The patched layer's attention
+is not recomputed (its input is the base run's, so its heads' outputs are the base run's, edited).
 """
 
 from __future__ import annotations
@@ -81,7 +82,8 @@ def head_mediation(
             heads = range(h0, min(h0 + step, n_heads))
             edits = [[HeadEdit(layer, h, src_heads[layer][0, :, head_slice(adapter, h)], positions)] for h in heads]
             with edit_heads(adapter, edits, offset=start):
-                logits = run_from_layer(adapter, clean, layer, len(edits), start=start, keep_last=target.answer_len + 1)
+                logits = run_from_layer(adapter, clean, layer, len(edits), start=start,
+                                        keep_last=target.answer_len + 1, reuse_attention=True)
             patched[layer, h0 : h0 + len(edits)] = answer_probability(adapter, logits, ids, target).cpu().numpy()
     return p_src, p_base, patched
 
