@@ -482,12 +482,41 @@ def train(cfg: DictConfig, overrides: Sequence[str] = ()) -> dict[str, Any]:
         "overrides": [o for o in overrides if not o.startswith(("out_dir=", "device="))],
         "eval_max_tiles": int(model_cfg.max_tiles) if family == "internvl" else None,
         "weights_bytes": sum(f.stat().st_size for f in folder.glob("*.safetensors")),
+        "max_steps": max_steps,
     }
+    summary["stages"] = previous_stages(cfg.get("init_from")) + [stage_record(summary)]
     write_card(folder, summary)
     (folder / "training_summary.json").write_text(json.dumps(summary, indent=2, default=float) + "\n")
     shutil.rmtree(work_dir, ignore_errors=True)
     logj(event="done", folder=str(folder), total_s=summary["total_seconds"])
     return summary
+
+
+STAGE_KEYS = ("steps", "max_steps", "stopped_by", "fresh_steps", "replayed_steps", "images_seen", "questions_seen",
+              "train_seconds", "device", "overrides", "heldout")
+
+
+def stage_record(summary: dict[str, Any]) -> dict[str, Any]:
+    """One training stage (a run of `train`) as the model card lists it."""
+    tc = summary["train_config"]
+    record = {k: summary.get(k) for k in STAGE_KEYS}
+    record.update(init_from=tc.get("init_from"), first_scene=tc["data"]["first_scene"],
+                  images_per_step=tc["data"]["images_per_step"], lr=tc["optim"]["lr"])
+    return record
+
+
+def previous_stages(init_from: str | None) -> list[dict[str, Any]]:
+    """The stages that produced `init_from` (from its training_summary.json); [] for a fresh build.
+
+    A continued run's card then lists the whole lineage and every command that reproduces it.
+    """
+    if not init_from:
+        return []
+    path = Path(str(init_from)).expanduser() / "training_summary.json"
+    if not path.exists():
+        return [{"init_from": str(init_from), "unknown": True}]
+    prev = json.loads(path.read_text())
+    return prev.get("stages") or [stage_record(prev)]
 
 
 def _sync(device: torch.device) -> None:
@@ -538,7 +567,7 @@ def write_card(folder: Path, s: dict[str, Any]) -> None:
         f"| {r['step']} | {r['cls_acc']:.1f} | {r['neg_acc']:.1f} | {r['loc_acc']:.1f} | {r['acc50']:.1f} | {r['acc70']:.1f} | {r['acc90']:.1f} |"
         for r in s["history"]
     )
-    overrides = "".join(f"{o} " for o in s.get("overrides", []) if not o.startswith("optim.max_steps="))
+    stages = s.get("stages") or [stage_record(s)]
     met = h["cls_acc"] >= BAR["cls_acc"] and h["loc_acc"] >= BAR["loc_acc"]
     status = (
         f"Quality bar of the project (whole held-out split: classification >= {BAR['cls_acc']:.0f} %, "
@@ -571,7 +600,8 @@ Synthetic scenes from `vlmloc.data.synthetic` with the generator settings of `da
 split `train` (scene i = image i of `ensure_synthetic(root, "train", ...)`), rendered on the fly;
 evaluation on split `heldout` (disjoint seed stream). Per scene: for every object the
 classification question (answer Yes) and the localization question; as many classification
-questions about absent categories (answer No). {s['images_seen']:,} scenes, {s['questions_seen']:,} questions.
+questions about absent categories (answer No). {sum(st.get('images_seen') or 0 for st in stages):,} scenes,
+{sum(st.get('questions_seen') or 0 for st in stages):,} questions{' over all stages' if len(stages) > 1 else ''}.
 
 ## Training
 Teacher-forced next-token cross-entropy on the answer tokens only (prompt masked), plus
@@ -584,10 +614,7 @@ single-question forward at start). AdamW (lr {tc['optim']['lr']}, betas {tc['opt
 weight decay {tc['optim']['weight_decay']}), {tc['optim']['warmup_steps']} warmup steps, cosine to
 {tc['optim']['min_lr_ratio']} x lr, grad clip {tc['optim']['grad_clip']}, bf16 autocast,
 {tc['data']['images_per_step']} images per step, seed {tc['seed']}.
-{s['steps']} steps in {s['train_seconds']/60:.1f} min on one {s['device']} (whole job
-{s['total_seconds']/60:.1f} min; torch {s['versions']['torch']}, transformers {s['versions']['transformers']}):
-{s['fresh_steps']} steps on freshly rendered scenes and {s['replayed_steps']} replays of recent batches,
-taken while the CPU workers had no fresh batch ready (`data.max_replay_ratio`).
+{stages_text(stages, s)}
 
 ## Held-out scores
 {status}
@@ -610,8 +637,7 @@ During training (held-out subset of {tc['eval']['n']} objects):
 
 ## Retrain
 ```bash
-python scripts/train_demo.py configs/train/{s['model']}.yaml device=cuda {overrides}optim.max_steps={s['steps']} out_dir=outputs/train/{s['model']}
-cp -r outputs/train/{s['model']}/{s['model']}/* src/vlmloc/assets/{s['model']}/
+{retrain_commands(stages, s['model'])}
 ```
 Seeded (model init, scene stream, question draws, replay draws); which steps replay depends on
 timing and GPU kernels are not bit-reproducible, so reruns come close, not identical
@@ -619,6 +645,58 @@ timing and GPU kernels are not bit-reproducible, so reruns come close, not ident
 `training_summary.json` holds every number above and the full training config.
 {notes}"""
     (folder / "README.md").write_text(text)
+
+
+def stages_text(stages: Sequence[dict[str, Any]], s: dict[str, Any]) -> str:
+    """The card's account of the training run(s): one paragraph, or a table when training was continued."""
+    last = stages[-1]
+    env = f"torch {s['versions']['torch']}, transformers {s['versions']['transformers']}"
+    if len(stages) == 1:
+        return (f"{last['steps']} steps in {last['train_seconds']/60:.1f} min on one {last['device']} (whole job\n"
+                f"{s['total_seconds']/60:.1f} min; {env}):\n"
+                f"{last['fresh_steps']} steps on freshly rendered scenes and {last['replayed_steps']} replays of recent batches,\n"
+                "taken while the CPU workers had no fresh batch ready (`data.max_replay_ratio`).")
+    rows = []
+    for k, st in enumerate(stages, start=1):
+        if st.get("unknown"):
+            rows.append(f"| {k} | {st['init_from']} (no training summary) | | | | | | | |")
+            continue
+        h = st["heldout"]
+        start = "fresh build" if not st.get("init_from") else f"stage {k - 1}"
+        rows.append(
+            f"| {k} | {start} | {st['steps']} ({st['stopped_by']}) | {st['images_per_step']} | {st['lr']} | "
+            f"{st['images_seen']:,} (from scene {st['first_scene']:,}) | {st['fresh_steps']} / {st['replayed_steps']} | "
+            f"{st['train_seconds']/60:.1f} min, {st['device']} | {h['cls_acc']:.1f} / {h['loc_acc']:.1f} |"
+        )
+    total_min = sum(st.get("train_seconds") or 0 for st in stages) / 60
+    return (
+        f"Trained in {len(stages)} stages, each a run of the entry point; a later stage starts from the\n"
+        "previous stage's saved weights (`init_from`), with a fresh optimiser, warmup and cosine schedule, on\n"
+        f"the next unseen scenes of the stream (`data.first_scene`). {total_min:.1f} min of training in all ({env}).\n"
+        "Replays: steps on a recent batch, taken while the CPU workers had no fresh batch ready (`data.max_replay_ratio`).\n\n"
+        "| stage | starts from | steps | images/step | lr | scenes | fresh / replayed steps | time | held-out cls / loc |\n"
+        "|---|---|---|---|---|---|---|---|---|\n" + "\n".join(rows)
+    )
+
+
+def retrain_commands(stages: Sequence[dict[str, Any]], model: str) -> str:
+    """Shell commands that rerun every stage in order, then ship the last one."""
+    skip = ("init_from=", "out_dir=", "device=", "optim.max_steps=")
+    lines = []
+    for k, st in enumerate(stages, start=1):
+        if st.get("unknown"):
+            lines.append(f"# stage {k}: the weights in {st['init_from']} (no record of how they were trained)")
+            continue
+        out = f"outputs/train/{model}" + (f"/stage{k}" if len(stages) > 1 else "")
+        args = [o for o in st.get("overrides") or [] if not o.startswith(skip)]
+        if k > 1:
+            args.insert(0, f"init_from=outputs/train/{model}/stage{k - 1}/{model}")
+        # The planned max_steps fixes the cosine schedule; a stage cut by its time budget stops there again.
+        args.append(f"optim.max_steps={st.get('max_steps') or st['steps']}")
+        lines.append(f"python scripts/train_demo.py configs/train/{model}.yaml device=cuda {' '.join(args)} out_dir={out}")
+    last = f"outputs/train/{model}" + (f"/stage{len(stages)}" if len(stages) > 1 else "")
+    lines.append(f"cp -r {last}/{model}/* src/vlmloc/assets/{model}/")
+    return "\n".join(lines)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
