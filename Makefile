@@ -16,7 +16,7 @@ install:  ## install the package with test and SLURM extras (CPU torch first)
 train-demo:  ## retrain a demo model on a GPU: make train-demo MODEL=demo_llava ARGS="device=cuda"
 	$(PY) scripts/train_demo.py configs/train/$(MODEL).yaml $(ARGS)
 
-demo:  ## the embedded default: baseline on demo_llava over held-out synthetic scenes (CPU, < 1 min)
+demo:  ## the embedded default: baseline, token_ablation and shuffle on demo_llava over held-out synthetic scenes (CPU, ~5 min)
 	$(PY) -m vlmloc $(ARGS)
 
 baseline:  ## baseline evaluation, e.g. make baseline MODEL=llava7b DATA=coco ARGS="data.root=/data/coco"
@@ -31,7 +31,7 @@ table2:  ## Table 2, global and intra-object shuffle
 fig1:  ## object extension (Fig. 1, 8, 9), e.g. make fig1 MODEL=llava7b DATA=coco ARGS="data.root=/data/coco"
 	$(PY) -m vlmloc experiment=extension model=$(MODEL) data=$(DATA) $(ARGS)
 
-table3: MODEL = tiny_internvl
+table3: MODEL = demo_internvl
 table3:  ## view ablation, InternVL only (Table 3, Fig. 10), e.g. make table3 MODEL=internvl8b DATA=coco ARGS="data.root=/data/coco"
 	$(PY) -m vlmloc experiment=view_ablation model=$(MODEL) data=$(DATA) $(ARGS)
 
@@ -39,7 +39,7 @@ fig4:  ## causal mediation per head, e.g. make fig4 MODEL=llava7b ARGS="data.pai
 	$(PY) -m vlmloc experiment=cma model=$(MODEL) data=pairs $(ARGS)
 
 fig2:  ## position probes (Fig. 2, 11): make fig2 MODEL=llava7b [IMAGENET=/data/imagenet]; tiny models use the synthetic scenes
-	$(PY) -m vlmloc experiment=position_probe model=$(MODEL) $(if $(filter tiny_%,$(MODEL)),data=synthetic,data=imagenet data.root=$(IMAGENET) batch_size=16 experiment.num_workers=8) $(ARGS)
+	$(PY) -m vlmloc experiment=position_probe model=$(MODEL) $(if $(filter tiny_% demo_%,$(MODEL)),data=synthetic,data=imagenet data.root=$(IMAGENET) batch_size=16 experiment.num_workers=8) $(ARGS)
 
 fig3:  ## attention knockout (Fig. 3, 12), e.g. make fig3 MODEL=llava7b DATA=coco ARGS="data.root=/data/coco"
 	$(PY) -m vlmloc experiment=knockout model=$(MODEL) data=$(DATA) $(ARGS)

@@ -54,7 +54,7 @@ def test_cli_baseline_tiny_llava_synthetic_then_resume(tmp_path):
 
 def test_baseline_tiny_internvl_fixture(tmp_path):
     pytest.importorskip("skimage")
-    cfg = compose_cfg("model=tiny_internvl", "data=fixture", "batch_size=3", data_dir=tmp_path / "data")
+    cfg = compose_cfg("experiment=baseline", "model=tiny_internvl", "data=fixture", "batch_size=3", data_dir=tmp_path / "data")
     app.run(cfg, tmp_path / "run")
     df = _check_results(tmp_path / "run", 5)
     assert set(df["category"]) == {"person", "cat", "cup", "spoon", "rocket"}
@@ -62,7 +62,7 @@ def test_baseline_tiny_internvl_fixture(tmp_path):
 
 def test_resume_only_runs_missing_samples(tmp_path, monkeypatch):
     """A run interrupted after some samples finishes only the rest."""
-    cfg = compose_cfg("model=tiny_llava", "data=synthetic", "data.n=4", data_dir=tmp_path / "data")
+    cfg = compose_cfg("experiment=baseline", "model=tiny_llava", "data=synthetic", "data.n=4", data_dir=tmp_path / "data")
     run_dir = tmp_path / "run"
     app.run(cfg, run_dir)
     full = pd.read_parquet(run_dir / "results.parquet")

@@ -63,4 +63,4 @@ def test_cli_prints_resolved_job_config(tmp_path):
     cfg = OmegaConf.create(out)
     assert cfg.model.hub_id == "OpenGVLab/InternVL3_5-8B-HF"
     assert cfg.data.root == "/data/coco"
-    assert cfg.experiment.name == "baseline"
+    assert cfg.experiment.name == "suite" and list(cfg.experiment.runs) == ["baseline", "token_ablation", "shuffle"]

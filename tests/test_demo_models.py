@@ -203,3 +203,46 @@ def test_packed_training_forward_equals_the_single_question_forward(fresh_llava)
     example = dataset[5]
     assert len(example["tasks"]) >= 3 and example["token_targets"].shape == (576, 9)
     assert check_packing(adapter.model, example, torch.device("cpu")) < 1e-4
+
+
+def test_a_continued_run_records_its_lineage_and_the_commands_that_rebuild_it(tmp_path):
+    """stage_record/previous_stages/retrain_commands: stage k starts from stage k-1's output."""
+    import json
+
+    from vlmloc.training.loop import previous_stages, retrain_commands, stage_record
+
+    def summary(steps, init_from, overrides, first_scene):
+        return {"steps": steps, "max_steps": steps + 10, "stopped_by": "max_steps", "fresh_steps": steps, "replayed_steps": 0,
+                "images_seen": 32 * steps, "questions_seen": 100 * steps, "train_seconds": 60.0, "device": "gpu",
+                "overrides": overrides, "heldout": {"cls_acc": 50.0, "loc_acc": 10.0},
+                "train_config": {"init_from": init_from, "data": {"first_scene": first_scene, "images_per_step": 32},
+                                 "optim": {"lr": 1e-3}}}
+
+    assert previous_stages(None) == []
+    stage1 = tmp_path / "stage1"
+    stage1.mkdir()
+    s1 = summary(100, None, ["data.num_workers=4", "device=cuda"], 0)
+    (stage1 / "training_summary.json").write_text(json.dumps(s1))
+    s2 = summary(200, str(stage1), [f"init_from={stage1}", "data.first_scene=3200", "out_dir=x"], 3200)
+    stages = previous_stages(str(stage1)) + [stage_record(s2)]
+    assert [st["steps"] for st in stages] == [100, 200] and stages[1]["first_scene"] == 3200
+    s2["stages"] = stages
+    (stage1 / "training_summary.json").write_text(json.dumps(s2))  # a stage-3 run reads the whole lineage
+    assert [st["steps"] for st in previous_stages(str(stage1))] == [100, 200]
+    cmds = retrain_commands(stages, "demo_llava").splitlines()
+    assert cmds[0] == ("python scripts/train_demo.py configs/train/demo_llava.yaml device=cuda data.num_workers=4 "
+                       "optim.max_steps=110 out_dir=outputs/train/demo_llava/stage1")
+    assert cmds[1] == ("python scripts/train_demo.py configs/train/demo_llava.yaml device=cuda "
+                       "init_from=outputs/train/demo_llava/stage1/demo_llava data.first_scene=3200 "
+                       "optim.max_steps=210 out_dir=outputs/train/demo_llava/stage2")
+    assert cmds[2] == "cp -r outputs/train/demo_llava/stage2/demo_llava/* src/vlmloc/assets/demo_llava/"
+
+
+@pytest.mark.parametrize("name", DEMOS)
+def test_the_committed_cards_list_both_stages(name):
+    import json
+
+    s = json.loads((ASSETS_DIR / name / "training_summary.json").read_text())
+    assert len(s["stages"]) == 2 and s["stages"][1]["first_scene"] == s["stages"][0]["images_seen"]
+    assert s["heldout"]["cls_acc"] >= 90.0 and s["heldout"]["loc_acc"] >= 60.0
+    assert "init_from=outputs/train/" in (ASSETS_DIR / name / "README.md").read_text()

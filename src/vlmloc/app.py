@@ -92,8 +92,11 @@ class RunContext:
         write_run_json(self.run_dir, info)
 
 
-def run(cfg: DictConfig, run_dir: Path) -> None:
-    """Run `cfg.experiment.name` into `run_dir`."""
+def run(cfg: DictConfig, run_dir: Path, adapter: VLMAdapter | None = None) -> None:
+    """Run `cfg.experiment.name` into `run_dir`.
+
+    adapter: an already loaded model of `cfg.model` (experiment=suite shares one across its runs).
+    """
     seed_everything(int(cfg.seed))
     name = str(cfg.experiment.name)
     try:
@@ -105,6 +108,8 @@ def run(cfg: DictConfig, run_dir: Path) -> None:
     if hasattr(module, "check_config"):  # experiment-specific checks that need neither data nor model
         module.check_config(cfg)
     ctx = RunContext(cfg=cfg, run_dir=Path(run_dir))
+    if adapter is not None:
+        ctx.__dict__["adapter"] = adapter  # seeds the cached_property
     ctx.run_dir.mkdir(parents=True, exist_ok=True)
     # experiments with their own data (image folders) check their inputs themselves
     check = getattr(module, "check_inputs", None)

@@ -1,0 +1,64 @@
+"""Several experiments in one command: the embedded default (`python -m vlmloc`).
+
+Each entry of `experiment.runs` runs exactly as `python -m vlmloc experiment=<name>` would with
+this command's other overrides, into `<run_dir>/<name>/`; its settings are
+`configs/experiment/<name>.yaml` merged with `experiment.overrides.<name>`. The runs share one
+loaded model, and every run's config is checked before the first one starts.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+
+from omegaconf import DictConfig, OmegaConf
+
+from vlmloc.app import RunContext
+
+log = logging.getLogger("vlmloc.experiments.suite")
+
+
+def run_config(cfg: DictConfig, name: str) -> DictConfig:
+    """The config `experiment=<name>` gets: this config with its experiment node swapped for <name>'s."""
+    from vlmloc.__main__ import config_dir
+
+    path = config_dir() / "experiment" / f"{name}.yaml"
+    if not path.exists():
+        raise ValueError(f"experiment.runs names {name!r}, but there is no {path}")
+    base = OmegaConf.to_container(cfg, resolve=False)
+    base.pop("experiment")
+    own = OmegaConf.load(path)  # a `# @package _global_` file: its keys are top-level
+    extra = (cfg.experiment.get("overrides") or {}).get(name) or {}
+    return OmegaConf.merge(base, own, {"experiment": extra})
+
+
+def check_config(cfg: DictConfig) -> None:
+    """Every run's config composes and passes its experiment's own checks."""
+    runs = list(cfg.experiment.runs)
+    if not runs or "suite" in runs:
+        raise ValueError(f"experiment.runs must list one or more experiments other than suite, got {runs}")
+    from vlmloc.__main__ import config_dir
+
+    # overrides of experiments left out of `runs` wait unused; a name with no experiment is a typo
+    unknown = [n for n in (cfg.experiment.get("overrides") or {}) if not (config_dir() / "experiment" / f"{n}.yaml").exists()]
+    if unknown:
+        raise ValueError(f"experiment.overrides names {unknown}: no such experiment under configs/experiment/")
+    for name in runs:
+        sub = run_config(cfg, name)
+        module = importlib.import_module(f"vlmloc.experiments.{sub.experiment.name}")
+        if hasattr(module, "check_config"):
+            module.check_config(sub)
+
+
+def run(ctx: RunContext) -> None:
+    from vlmloc.app import run as run_one
+
+    parts = []
+    for name in ctx.cfg.experiment.runs:
+        log.info("suite: experiment=%s into %s", name, ctx.run_dir / name)
+        run_one(run_config(ctx.cfg, name), ctx.run_dir / name, adapter=ctx.adapter)
+        tables = sorted((ctx.run_dir / name).glob("*.md"))  # each experiment names its own (summary.md, table1_*.md, ...)
+        parts.append(f"## {name}\n\n" + "\n".join(f"{t.name}:\n\n{t.read_text()}" for t in tables))
+    (ctx.run_dir / "summary.md").write_text("\n".join(parts))
+    print(f"\nsuite | model={ctx.cfg.model.name} | data={ctx.cfg.data.name} | {ctx.run_dir}: "
+          + ", ".join(f"{n}/" for n in ctx.cfg.experiment.runs))
