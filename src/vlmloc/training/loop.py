@@ -629,7 +629,7 @@ category it does not contain (P(yes) < P(no) is correct): not part of the projec
 | whole held-out split | {h['n_objects']} | {h['cls_acc']:.1f} | {h['neg_acc']:.1f} | {h['loc_acc']:.1f} | {h['acc50']:.1f} | {h['acc70']:.1f} | {h['acc90']:.1f} | {h['mean_iou']:.3f} |
 | default run (data.n={d['n_objects']}) | {d['n_objects']} | {d['cls_acc']:.1f} | {d['neg_acc']:.1f} | {d['loc_acc']:.1f} | {d['acc50']:.1f} | {d['acc70']:.1f} | {d['acc90']:.1f} | {d['mean_iou']:.3f} |
 
-During training (held-out subset of {tc['eval']['n']} objects):
+During training{f' stage {len(stages)}' if len(stages) > 1 else ''} (held-out subset of {tc['eval']['n']} objects; steps of that stage):
 
 | step | classification | no on absent | localization | acc@0.5 | acc@0.7 | acc@0.9 |
 |---|---|---|---|---|---|---|
