@@ -16,7 +16,7 @@ install:  ## install the package with test and SLURM extras (CPU torch first)
 train-demo:  ## retrain a demo model on a GPU: make train-demo MODEL=demo_llava ARGS="device=cuda"
 	$(PY) scripts/train_demo.py configs/train/$(MODEL).yaml $(ARGS)
 
-demo:  ## the embedded default: baseline, token_ablation and shuffle on demo_llava over held-out synthetic scenes (CPU, ~5 min)
+demo:  ## the embedded default: baseline, token_ablation and shuffle on demo_llava over held-out synthetic scenes (CPU, ~3.5 min)
 	$(PY) -m vlmloc $(ARGS)
 
 baseline:  ## baseline evaluation, e.g. make baseline MODEL=llava7b DATA=coco ARGS="data.root=/data/coco"
