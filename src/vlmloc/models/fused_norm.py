@@ -15,6 +15,7 @@ its own forward.
 
 from __future__ import annotations
 
+import copy
 import logging
 import types
 
@@ -30,19 +31,14 @@ def _fused_forward(self: torch.nn.Module, hidden_states: torch.Tensor) -> torch.
 
 @torch.no_grad()
 def _same_formula(module: torch.nn.Module) -> bool:
-    """True when the fused forward reproduces the module's own on a random float32 input (exactly)."""
+    """True when the fused forward reproduces the class's own on a copy with random weights (exactly, float32 CPU)."""
     weight = getattr(module, "weight", None)
-    if not isinstance(weight, torch.Tensor) or not hasattr(module, "variance_epsilon") or weight.dim() != 1:
+    if not isinstance(weight, torch.Tensor) or weight.dim() != 1 or not hasattr(module, "variance_epsilon"):
         return False
     g = torch.Generator().manual_seed(0)
-    x = torch.randn(3, weight.shape[0], generator=g, dtype=torch.float32) * 3
-    probe = type(module).__new__(type(module))
-    torch.nn.Module.__init__(probe)
-    probe.weight = torch.nn.Parameter(torch.rand(weight.shape[0], generator=g) + 0.5, requires_grad=False)
-    probe.variance_epsilon = module.variance_epsilon
-    for name, value in vars(module).items():  # plain attributes the forward may read
-        if not name.startswith("_") and name not in vars(probe):
-            setattr(probe, name, value)
+    probe = copy.deepcopy(module).to("cpu", torch.float32)
+    probe.weight.copy_(torch.rand(weight.shape[0], generator=g) + 0.5)
+    x = torch.randn(3, weight.shape[0], generator=g) * 3
     try:
         return bool(torch.equal(type(module).forward(probe, x), _fused_forward(probe, x)))
     except Exception:  # a forward of another signature
