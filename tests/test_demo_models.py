@@ -246,3 +246,14 @@ def test_the_committed_cards_list_both_stages(name):
     assert len(s["stages"]) == 2 and s["stages"][1]["first_scene"] == s["stages"][0]["images_seen"]
     assert s["heldout"]["cls_acc"] >= 90.0 and s["heldout"]["loc_acc"] >= 60.0
     assert "init_from=outputs/train/" in (ASSETS_DIR / name / "README.md").read_text()
+
+
+def test_synthetic_wide_images_all_get_two_local_tiles_and_the_thumbnail_on_demo_internvl():
+    """data=synthetic_wide exists for the view ablation: every size it can draw tiles 2x1 + thumbnail."""
+    cfg = compose_cfg("model=demo_internvl", "data=synthetic_wide")
+    adapter = load_adapter(cfg.model)
+    (w0, w1), (h0, h1) = cfg.data.synthetic.width, cfg.data.synthetic.height
+    for w in (w0, (w0 + w1) // 2, w1):
+        for h in (h0, (h0 + h1) // 2, h1):
+            assert adapter.n_visual_tokens(w, h) == 3 * 256, (w, h)
+    assert cfg.data.split != compose_cfg("data=synthetic").data.split  # never overwrites the default held-out split
