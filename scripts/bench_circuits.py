@@ -166,13 +166,13 @@ def main() -> None:
     n_heads, n_layers = ad.n_heads, ad.n_layers
     text = text_of_length(ad, args.seq_len)
     src, base = ad.prepare([image(0)], [text]), ad.prepare([image(1)], [text])
-    set_fused_norms(ad, False)
-    plain_logits = ad.model(**base.inputs).logits.float()
-    set_fused_norms(ad, True)
-    fused_logits = ad.model(**base.inputs).logits.float()
     if args.numerics:
-        numerics(ad, base, {"reference norm": plain_logits, "fused rms_norm": fused_logits})
+        set_fused_norms(ad, False)
+        plain_logits = ad.model(**base.inputs).logits.float()
+        set_fused_norms(ad, True)
+        numerics(ad, base, {"reference norm": plain_logits, "fused rms_norm": ad.model(**base.inputs).logits.float()})
         return
+    set_fused_norms(ad, True)  # the engine's default (model.fused_rms_norm)
     T = base.seq_len
     print(f"device={torch.cuda.get_device_name() if device.type == 'cuda' else 'cpu'} dtype={dtype} "
           f"seq_len={T} layers={n_layers} heads={n_heads} torch={torch.__version__}")

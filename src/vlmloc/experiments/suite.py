@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib
 import logging
+from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
@@ -18,11 +19,16 @@ from vlmloc.app import RunContext
 log = logging.getLogger("vlmloc.experiments.suite")
 
 
-def run_config(cfg: DictConfig, name: str) -> DictConfig:
-    """The config `experiment=<name>` gets: this config with its experiment node swapped for <name>'s."""
+def experiment_file(name: str) -> Path:
+    """configs/experiment/<name>.yaml (it may not exist)."""
     from vlmloc.__main__ import config_dir
 
-    path = config_dir() / "experiment" / f"{name}.yaml"
+    return config_dir() / "experiment" / f"{name}.yaml"
+
+
+def run_config(cfg: DictConfig, name: str) -> DictConfig:
+    """The config `experiment=<name>` gets: this config with its experiment node swapped for <name>'s."""
+    path = experiment_file(name)
     if not path.exists():
         raise ValueError(f"experiment.runs names {name!r}, but there is no {path}")
     base = OmegaConf.to_container(cfg, resolve=False)
@@ -37,10 +43,8 @@ def check_config(cfg: DictConfig) -> None:
     runs = list(cfg.experiment.runs)
     if not runs or "suite" in runs:
         raise ValueError(f"experiment.runs must list one or more experiments other than suite, got {runs}")
-    from vlmloc.__main__ import config_dir
-
     # overrides of experiments left out of `runs` wait unused; a name with no experiment is a typo
-    unknown = [n for n in (cfg.experiment.get("overrides") or {}) if not (config_dir() / "experiment" / f"{n}.yaml").exists()]
+    unknown = [n for n in (cfg.experiment.get("overrides") or {}) if not experiment_file(n).exists()]
     if unknown:
         raise ValueError(f"experiment.overrides names {unknown}: no such experiment under configs/experiment/")
     for name in runs:
