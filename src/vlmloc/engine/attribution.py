@@ -17,6 +17,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from vlmloc.engine.hooks import Call, Hooks
 from vlmloc.models.adapter import VLMAdapter
 
 
@@ -24,15 +25,11 @@ def _clean_embeds(adapter: VLMAdapter, inputs: dict[str, torch.Tensor]) -> torch
     """[1, seq, hidden] inputs_embeds exactly as the LM receives them (image features scattered in)."""
     seen: dict[str, torch.Tensor] = {}
 
-    def grab(module, args, kwargs):
-        seen["embeds"] = kwargs["inputs_embeds"].detach()
+    def grab(call: Call) -> None:
+        seen["embeds"] = call.inputs_embeds.detach()
 
-    handle = adapter.language_model.register_forward_pre_hook(grab, with_kwargs=True)
-    try:
-        with torch.no_grad():
-            adapter.model(**inputs, logits_to_keep=1)
-    finally:
-        handle.remove()
+    with torch.no_grad(), Hooks().before(adapter.language_model, grab):
+        adapter.model(**inputs, logits_to_keep=1)
     return seen["embeds"]
 
 

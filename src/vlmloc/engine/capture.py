@@ -43,6 +43,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from vlmloc.engine.hooks import Call, Hooks
 from vlmloc.models.adapter import PreparedBatch, VLMAdapter
 from vlmloc.models.layout import VisualLayout
 
@@ -189,11 +190,13 @@ class VisualCapture:
         )
         self._pos = torch.as_tensor(np.concatenate([lay.positions for lay in batch.layouts]), device=device)
         self._parts: dict[str, list[torch.Tensor]] = {}
-        self._handles: list[Any] = []
+        self._hooks = Hooks()
+        for s in self.stages:
+            self._hooks.after(s.module, self._hook(s))
         self.activations: dict[str, torch.Tensor] = {}
 
     def _hook(self, stage: Stage):
-        def hook(_module: nn.Module, _args: Any, output: Any) -> None:
+        def hook(_call: Call, output: Any) -> None:
             x = _tensor(output).detach()
             if stage.kind == VISION:
                 if x.shape[1] == self.patches + 1:  # CLS first (CLIP, InternViT): not a grid position
@@ -213,13 +216,11 @@ class VisualCapture:
         return self.n_tiles * self.patches if stage.kind == VISION else self.n_visual
 
     def __enter__(self) -> dict[str, torch.Tensor]:
-        self._handles = [s.module.register_forward_hook(self._hook(s)) for s in self.stages]
+        self._hooks.__enter__()
         return self.activations
 
     def __exit__(self, exc_type: Any, *_: Any) -> bool:
-        for h in self._handles:
-            h.remove()
-        self._handles = []
+        self._hooks.remove()
         if exc_type is not None and not issubclass(exc_type, _StopForward):
             return False
         for s in self.stages:

@@ -26,6 +26,7 @@ import numpy as np
 import torch
 from transformers import DynamicCache
 
+from vlmloc.engine.hooks import Call, Hooks, cache_argument
 from vlmloc.engine.knockout import _causal
 from vlmloc.models.adapter import VLMAdapter
 
@@ -115,30 +116,27 @@ def edit_heads(adapter: VLMAdapter, edits: Sequence[Sequence[HeadEdit]], offset:
     for row, row_edits in enumerate(edits):
         for e in row_edits:
             by_layer.setdefault(e.layer, []).append((row, e))
-    handles = []
     n_heads, head_dim = adapter.n_heads, adapter.head_dim
 
     def make_hook(groups: list[_Group]):
         seen = [offset]
 
-        def hook(module, args):
-            x = args[0].clone()
+        def patch(call: Call) -> Call:
+            x = call.hidden.clone()
             pos = torch.arange(seen[0], seen[0] + x.shape[1], device=x.device)
             seen[0] += x.shape[1]
             x4 = x.view(*x.shape[:2], n_heads, head_dim)
             for g in groups:
                 g.apply(x4, pos)
-            return (x,)
+            return call.replace(hidden=x)
 
-        return hook
+        return patch
 
-    try:
-        for layer, layer_edits in by_layer.items():
-            handles.append(adapter.o_proj(layer).register_forward_pre_hook(make_hook(_groups(layer_edits))))
+    hooks = Hooks()
+    for layer, layer_edits in by_layer.items():
+        hooks.before(adapter.o_proj(layer), make_hook(_groups(layer_edits)))
+    with hooks:
         yield
-    finally:
-        for h in handles:
-            h.remove()
 
 
 @torch.no_grad()
@@ -146,15 +144,11 @@ def capture_heads(adapter: VLMAdapter, inputs: dict[str, torch.Tensor], layers: 
     """o_proj inputs of a clean run: {layer: [batch, seq, n_heads * head_dim]}."""
     layers = range(adapter.n_layers) if layers is None else layers
     out: dict[int, torch.Tensor] = {}
-    handles = [
-        adapter.o_proj(i).register_forward_pre_hook(lambda m, a, i=i: out.__setitem__(i, a[0].detach().clone()))
-        for i in layers
-    ]
-    try:
+    hooks = Hooks()
+    for i in layers:
+        hooks.before(adapter.o_proj(i), lambda call, i=i: out.__setitem__(i, call.hidden.detach().clone()))
+    with hooks:
         adapter.model(**inputs, logits_to_keep=1)
-    finally:
-        for h in handles:
-            h.remove()
     return out
 
 
@@ -163,7 +157,8 @@ class LayerInputs:
     """A clean run, kept so edited runs can restart at any layer.
 
     hidden: per layer L, the residual stream entering layer L [1, seq, hidden].
-    kwargs: the keyword arguments every decoder layer received (mask, rotary embeddings, ...).
+    layer_call: the call every decoder layer received, its hidden states left out (mask, rotary
+        embeddings, cache, ...).
     cache: the run's KV cache (for restarts at start > 0).
     logits: [1, seq, vocab] of the clean run.
     heads: per layer L, its o_proj input [1, seq, n_heads * head_dim] (every head's output), so a
@@ -171,7 +166,7 @@ class LayerInputs:
     """
 
     hidden: list[torch.Tensor]
-    kwargs: dict[str, Any]
+    layer_call: Call
     cache: Any
     logits: torch.Tensor
     seq_len: int = field(default=0)
@@ -184,30 +179,25 @@ def capture_layer_inputs(adapter: VLMAdapter, inputs: dict[str, torch.Tensor]) -
     if inputs["input_ids"].shape[0] != 1:
         raise ValueError("capture_layer_inputs takes one row")
     hidden: list[torch.Tensor] = [None] * adapter.n_layers  # type: ignore[list-item]
-    shared: dict[str, Any] = {}
+    heads: list[torch.Tensor] = [None] * adapter.n_layers  # type: ignore[list-item]
+    first: list[Call] = []
 
-    def make_hook(i: int):
-        def hook(module, args, kwargs):
-            h = args[0] if args else kwargs["hidden_states"]
-            hidden[i] = h.detach()
+    def keep_input(i: int):
+        def hook(call: Call) -> None:
+            hidden[i] = call.hidden.detach()
             if i == 0:
-                shared.update({k: v for k, v in kwargs.items() if k != "hidden_states"})
+                first.append(Call((), call.kwargs).without("hidden_states"))
 
         return hook
 
-    heads: list[torch.Tensor] = [None] * adapter.n_layers  # type: ignore[list-item]
-    handles = [layer.register_forward_pre_hook(make_hook(i), with_kwargs=True) for i, layer in enumerate(adapter.layers)]
-    handles += [
-        adapter.o_proj(i).register_forward_pre_hook(lambda m, a, i=i: heads.__setitem__(i, a[0].detach()))
-        for i in range(adapter.n_layers)
-    ]
+    hooks = Hooks()
+    for i, layer in enumerate(adapter.layers):
+        hooks.before(layer, keep_input(i))
+        hooks.before(adapter.o_proj(i), lambda call, i=i: heads.__setitem__(i, call.hidden.detach()))
     cache = DynamicCache(config=adapter.text_config)
-    try:
-        out = adapter.model(**inputs, past_key_values=cache, use_cache=True)
-    finally:
-        for h in handles:
-            h.remove()
-    return LayerInputs(hidden=hidden, kwargs=shared, cache=cache, logits=out.logits.detach(),
+    with hooks:
+        out = adapter.model(**inputs, **cache_argument(adapter.model, cache), use_cache=True)
+    return LayerInputs(hidden=hidden, layer_call=first[0], cache=cache, logits=out.logits.detach(),
                        seq_len=inputs["input_ids"].shape[1], heads=heads)
 
 
@@ -299,26 +289,27 @@ def run_from_layer(
     instead of recomputing it, which is exact when only head edits (o_proj hooks) act on that
     layer: its input is the clean run's. Not with a knockout at `layer`.
     """
-    kw = dict(clean.kwargs)
+    call = clean.layer_call
     h = clean.hidden[layer][:, start:].expand(n_rows, -1, -1)
-    mask = kw.get("attention_mask")
+    mask = call.attention_mask
     if reuse_attention and clean.heads is None:
         raise ValueError("reuse_attention needs LayerInputs.heads (capture_layer_inputs records them)")
     if start > 0:
         # layers below `layer` are never run again, so only the others get a cache
         first_cached = layer + 1 if reuse_attention else layer
-        kw["past_key_values"] = PrefilledKV(clean.cache, range(first_cached, adapter.n_layers), n_rows, start, clean.seq_len)
         q_len = clean.seq_len - start
-        kw["attention_mask"] = _causal(n_rows, q_len, clean.seq_len, h.device) if mask is None else mask[:, :, start:, : clean.seq_len]
-        cos, sin = kw["position_embeddings"]
-        kw["position_embeddings"] = (cos[:, start:], sin[:, start:])
-        if kw.get("position_ids") is not None:
-            kw["position_ids"] = kw["position_ids"][:, start:]
+        cos, sin = call.position_embeddings
+        call = call.replace(
+            cache=PrefilledKV(clean.cache, range(first_cached, adapter.n_layers), n_rows, start, clean.seq_len),
+            attention_mask=_causal(n_rows, q_len, clean.seq_len, h.device) if mask is None else mask[:, :, start:, : clean.seq_len],
+            position_embeddings=(cos[:, start:], sin[:, start:]),
+        )
+        if call.position_ids is not None:
+            call = call.replace(position_ids=call.position_ids[:, start:])
     else:
-        kw["past_key_values"] = None
-    kw["use_cache"] = start > 0
-    kw.pop("cache_position", None)  # positions are implied by the prefilled cache
-    kw = {k: _expand(v, n_rows) for k, v in kw.items()}
+        call = call.replace(cache=None)
+    call = call.replace(use_cache=start > 0)
+    kw = {k: _expand(v, n_rows) for k, v in call.kwargs.items()}
     last = adapter.n_layers - 1
     for i in range(layer, adapter.n_layers):
         mod = adapter.layers[i]

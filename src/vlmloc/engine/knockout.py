@@ -24,6 +24,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from vlmloc.engine.hooks import Call, Hooks
 from vlmloc.models.adapter import VLMAdapter
 
 
@@ -116,30 +117,23 @@ def apply_block(mask: torch.Tensor | None, block: torch.Tensor) -> torch.Tensor:
 def knockout(adapter: VLMAdapter, specs: Sequence[Knockout]) -> Iterator[None]:
     """Install per-row knockouts for the calls inside the block."""
     layers = sorted(set().union(*(s.layers for s in specs if not s.empty))) if specs else []
-    handles = []
     masks: dict = {}  # (k_len, device) -> position masks, shared by every layer and call
 
     def make_hook(layer: int):
-        def hook(module, args, kwargs):
-            hidden = kwargs.get("hidden_states", args[0] if args else None)
-            mask = kwargs.get("attention_mask")
+        def block_keys(call: Call) -> Call | None:
+            hidden, mask = call.hidden, call.attention_mask
             q_len = hidden.shape[1]
-            cache = kwargs.get("past_key_values")
             # the layer's own cache length: earlier layers were already updated in this forward
-            past = cache.get_seq_length(layer) if cache is not None else 0
-            k_len = past + q_len if mask is None else mask.shape[-1]
+            k_len = call.past_length(layer) + q_len if mask is None else mask.shape[-1]
             block = _block_matrix(specs, layer, q_len, k_len, hidden.device, masks)
             if block is None:
                 return None
-            kwargs["attention_mask"] = apply_block(mask, block)
-            return args, kwargs
+            return call.replace(attention_mask=apply_block(mask, block))
 
-        return hook
+        return block_keys
 
-    try:
-        for layer in layers:
-            handles.append(adapter.self_attn(layer).register_forward_pre_hook(make_hook(layer), with_kwargs=True))
+    hooks = Hooks()
+    for layer in layers:
+        hooks.before(adapter.self_attn(layer), make_hook(layer))
+    with hooks:
         yield
-    finally:
-        for h in handles:
-            h.remove()

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from vlmloc.engine.hooks import Call, Hooks
 from vlmloc.models.adapter import VLMAdapter
 
 
@@ -74,30 +75,21 @@ def apply_edits(embeds: torch.Tensor, edits: Sequence[Sequence[TokenEdit]]) -> t
     return out
 
 
-def _cache_is_empty(kwargs: dict) -> bool:
-    cache = kwargs.get("past_key_values")
-    return cache is None or cache.get_seq_length() == 0
-
-
 @contextlib.contextmanager
 def edit_lm_input(adapter: VLMAdapter, edits: Sequence[Sequence[TokenEdit]]) -> Iterator[None]:
     """Install per-row edits on the LM input for the calls inside the block (prefill only).
 
-    A forward pre-hook on the language model rewrites `inputs_embeds` when the KV cache is
-    empty (the prefill); decoding steps then attend to the cached, edited prefix.
+    A hook before the language model rewrites `inputs_embeds` at the prefill (an empty KV cache);
+    decoding steps then attend to the cached, edited prefix and pass through untouched.
     """
     if not any(len(row) for row in edits):
         yield
         return
 
-    def hook(module, args, kwargs):
-        if kwargs.get("inputs_embeds") is None or not _cache_is_empty(kwargs):
+    def edit(call: Call) -> Call | None:
+        if call.inputs_embeds is None or not call.is_prefill:
             return None
-        kwargs["inputs_embeds"] = apply_edits(kwargs["inputs_embeds"], edits)
-        return args, kwargs
+        return call.replace(inputs_embeds=apply_edits(call.inputs_embeds, edits))
 
-    handle = adapter.language_model.register_forward_pre_hook(hook, with_kwargs=True)
-    try:
+    with Hooks().before(adapter.language_model, edit):
         yield
-    finally:
-        handle.remove()

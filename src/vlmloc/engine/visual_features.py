@@ -11,6 +11,7 @@ from collections.abc import Iterator, Sequence
 import torch
 
 from vlmloc.data.sample import Sample
+from vlmloc.engine.hooks import Call, Hooks
 from vlmloc.models.adapter import PreparedBatch, VLMAdapter
 
 
@@ -22,15 +23,12 @@ def projector_io(adapter: VLMAdapter, batch: PreparedBatch) -> tuple[list[torch.
     """
     seen: dict[str, torch.Tensor] = {}
 
-    def hook(module, args, out):
-        seen["in"] = args[0].detach()
+    def keep(call: Call, out: torch.Tensor) -> None:
+        seen["in"] = call.hidden.detach()
         seen["out"] = out.detach()
 
-    handle = adapter.projector.register_forward_hook(hook)
-    try:
+    with Hooks().after(adapter.projector, keep):
         adapter.model(**batch.inputs, logits_to_keep=1)
-    finally:
-        handle.remove()
     ins = seen["in"].reshape(-1, seen["in"].shape[-1]).float().cpu()
     outs = seen["out"].reshape(-1, seen["out"].shape[-1]).float().cpu()
     sizes = [layout.n_visual for layout in batch.layouts]

@@ -34,6 +34,7 @@ from omegaconf import DictConfig, OmegaConf
 from vlmloc.data import load_samples
 from vlmloc.data.sample import Sample
 from vlmloc.data.synthetic import SyntheticParams
+from vlmloc.engine.hooks import Call, Hooks
 from vlmloc.engine.runner import next_token_logprobs, yes_probability
 from vlmloc.evaluation import evaluate
 from vlmloc.models.loading import ADAPTERS, load_adapter, resolve_device
@@ -98,9 +99,9 @@ class ProjectorTap:
 
     def __init__(self, projector: torch.nn.Module) -> None:
         self.out: torch.Tensor | None = None
-        self.handle = projector.register_forward_hook(self._hook)
+        self.hooks = Hooks().after(projector, self._keep).__enter__()  # removed by the training loop
 
-    def _hook(self, module: torch.nn.Module, args: Any, out: torch.Tensor) -> None:
+    def _keep(self, call: Call, out: torch.Tensor) -> None:
         self.out = out.reshape(-1, out.shape[-1])
 
 
@@ -445,7 +446,7 @@ def train(cfg: DictConfig, overrides: Sequence[str] = ()) -> dict[str, Any]:
             break
     train_s = time.time() - t_train
     if tap is not None:
-        tap.handle.remove()
+        tap.hooks.remove()
 
     # Save, reload through the project's loader (as model=<name> would), score the whole held-out split.
     save_model(model, processor, folder, str(cfg.save.dtype))
