@@ -5,7 +5,9 @@ ARGS ?=
 PY ?= python
 IMAGENET ?= /data/imagenet
 
-.PHONY: help install train-demo demo baseline table1 table2 table3 fig1 fig2 fig3 fig4 fig5 pairs test test-slow test-all clean
+WHICH ?= newest
+
+.PHONY: help install constraints ci train-demo demo baseline table1 table2 table3 fig1 fig2 fig3 fig4 fig5 pairs test test-slow test-all clean
 
 help:  ## list the targets
 	@grep -E '^[a-zA-Z0-9_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  %-12s %s\n", $$1, $$2}'
@@ -50,6 +52,16 @@ fig5:  ## head ablation (Fig. 5, 15) from a cma run, e.g. make fig5 MODEL=llava7
 
 pairs:  ## object-removal pairs, e.g. make pairs MODEL=llava7b DATA=coco ARGS="data.root=/data/coco inpaint=lama inpaint.checkpoint=/ckpt/big-lama.pt"
 	$(PY) -m vlmloc experiment=make_pairs model=$(MODEL) data=$(DATA) $(ARGS)
+
+constraints:  ## pin the active environment (after its tests passed) into constraints/$(WHICH).txt (newest or lowest)
+	@tv=$$($(PY) -c "import transformers; print(transformers.__version__)"); { \
+	  echo "# The exact environment the test suite passed in ($(WHICH) supported transformers, $$tv): Python 3.11, CPU torch."; \
+	  echo "# Reproduce it: pip install torch==2.13.0 && pip install -c constraints/$(WHICH).txt -e \".[dev,slurm]\""; \
+	  echo "# Regenerate it from an environment whose tests passed: make constraints WHICH=$(WHICH)"; \
+	  $(PY) -m pip freeze --exclude-editable | grep -v '^vlmloc' | sed 's/+cpu$$//'; } > constraints/$(WHICH).txt
+
+ci:  ## what CI runs: the suite on the newest allowed transformers, then in a fresh venv on the lowest (constraints/lowest.txt)
+	bash .ci/run
 
 test:  ## the default test suite (fast; what CI runs)
 	$(PY) -m pytest

@@ -156,6 +156,8 @@ def test_call_reads_and_writes_the_cache_under_the_keyword_it_came_with(keyword)
     assert moved.hidden.sum() == 12 and call.cache is cache  # the original call is unchanged
     assert Call((), {"hidden_states": torch.ones(2)}).replace(hidden=torch.zeros(2)).kwargs["hidden_states"].sum() == 0
     assert Call((), {}).cache is None and Call((), {}).is_prefill
+    shared = Call((), {"hidden_states": torch.ones(2), keyword: cache}).shared()
+    assert shared.args == () and set(shared.kwargs) == {keyword} and shared.cache is cache
 
 
 def test_cache_argument_follows_the_callee_signature():

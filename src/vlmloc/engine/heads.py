@@ -186,7 +186,7 @@ def capture_layer_inputs(adapter: VLMAdapter, inputs: dict[str, torch.Tensor]) -
         def hook(call: Call) -> None:
             hidden[i] = call.hidden.detach()
             if i == 0:
-                first.append(Call((), call.kwargs).without("hidden_states"))
+                first.append(call.shared())
 
         return hook
 

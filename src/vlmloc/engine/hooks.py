@@ -110,9 +110,10 @@ class Call:
         kwargs.update(changes)
         return Call(args, kwargs)
 
-    def without(self, *names: str) -> Call:
-        """A copy without these keyword arguments."""
-        return Call(self.args, {k: v for k, v in self.kwargs.items() if k not in names})
+    def shared(self) -> Call:
+        """The keyword arguments alone, main input left out: what every decoder layer of one forward
+        receives alike (mask, rotary embeddings, cache, ...)."""
+        return Call((), {k: v for k, v in self.kwargs.items() if k != "hidden_states"})
 
 
 def cache_argument(module: nn.Module, cache: Any) -> dict[str, Any]:

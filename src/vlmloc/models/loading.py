@@ -14,6 +14,7 @@ from typing import Any
 import torch
 from omegaconf import DictConfig
 
+from vlmloc.compat import warn_if_untested
 from vlmloc.models.adapter import VLMAdapter
 from vlmloc.models.internvl import InternVLAdapter
 from vlmloc.models.llava import LlavaAdapter
@@ -133,6 +134,7 @@ def tiny_corpus(cfg: DictConfig) -> list[str]:
 
 def load_adapter(cfg: DictConfig) -> VLMAdapter:
     """Build the family adapter for `cfg` (the `model` config group)."""
+    warn_if_untested()
     family = str(cfg.family)
     if family not in ADAPTERS:
         raise ValueError(f"model.family={family!r} is not one of {sorted(ADAPTERS)}")
