@@ -22,6 +22,7 @@ from vlmloc.data import Sample, load_samples
 from vlmloc.models import VLMAdapter, load_adapter
 from vlmloc.models.loading import check_weights
 from vlmloc.results import ResultStore, provenance, write_run_json
+from vlmloc.rundir import check_run_config, writer_lock
 
 log = logging.getLogger("vlmloc")
 
@@ -93,7 +94,11 @@ class RunContext:
 
 
 def run(cfg: DictConfig, run_dir: Path, adapter: VLMAdapter | None = None) -> None:
-    """Run `cfg.experiment.name` into `run_dir`.
+    """Run `cfg.experiment.name` into `run_dir`, holding its writer lock (`vlmloc.rundir`).
+
+    A rerun of a finished run does no new work; a rerun with a changed configuration is refused
+    before data or model load (`vlmloc.rundir.check_run_config`), except for experiments with
+    `RECOMPUTES_CHANGED_CONFIG = True`, which key their own rows by the settings that made them.
 
     adapter: an already loaded model of `cfg.model` (experiment=suite shares one across its runs).
     """
@@ -111,7 +116,10 @@ def run(cfg: DictConfig, run_dir: Path, adapter: VLMAdapter | None = None) -> No
     if adapter is not None:
         ctx.__dict__["adapter"] = adapter  # seeds the cached_property
     ctx.run_dir.mkdir(parents=True, exist_ok=True)
-    # experiments with their own data (image folders) check their inputs themselves
-    check = getattr(module, "check_inputs", None)
-    check(ctx) if check is not None else ctx.check_inputs()
-    module.run(ctx)
+    with writer_lock(ctx.run_dir):
+        # a changed config is refused, except by experiments that key their own rows by it
+        check_run_config(ctx.run_dir, cfg, refuse_changes=not getattr(module, "RECOMPUTES_CHANGED_CONFIG", False))
+        # experiments with their own data (image folders) check their inputs themselves
+        check = getattr(module, "check_inputs", None)
+        check(ctx) if check is not None else ctx.check_inputs()
+        module.run(ctx)

@@ -40,6 +40,10 @@ from vlmloc.results import RUN_JSON_FILE, atomic_write, to_markdown, write_run_j
 
 log = logging.getLogger("vlmloc.experiments.make_pairs")
 
+# Manifest rows are keyed by the inpainting settings and the model config that made them: a change
+# redoes exactly the rows it affects.
+RECOMPUTES_CHANGED_CONFIG = True
+
 FIGURE_FILE = "pairs_examples.png"
 
 

@@ -73,6 +73,9 @@ from vlmloc.results import atomic_write, provenance, to_markdown, write_run_json
 
 log = logging.getLogger("vlmloc.experiments.position_probe")
 
+# A changed config (its `fingerprint`) retrains the probes and replaces the results: see `run`.
+RECOMPUTES_CHANGED_CONFIG = True
+
 ACCURACY_FILE = "probe_accuracy.parquet"
 PER_POSITION_FILE = "per_position.parquet"
 FIG2_FILE = "fig2_position_probe.png"
