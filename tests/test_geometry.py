@@ -463,3 +463,22 @@ def test_scale_box_about_centre():
     assert g.scale_box((10, 20, 30, 60), 0.5, 100, 100) == (15, 30, 25, 50)
     assert g.scale_box((0, 0, 10, 10), 2.0, 100, 100) == (0, 0, 15, 15)  # (-5,-5,15,15) clipped
     assert g.scale_box((90, 90, 100, 100), 3.0, 100, 100) == (80, 80, 100, 100)  # (80,80,110,110)
+
+
+def test_llava_boxes_are_read_in_the_frame_the_model_saw(tiny_llava):
+    """pad_to_square=false: the centre crop. 600x400 -> shortest edge 336, width int(336*1.5)=504, crop
+    left (504-336)//2 = 84 resized px = 100 original px: the crop covers x 100..500, y 0..400."""
+    from conftest import compose_cfg
+
+    crop = type(tiny_llava)(tiny_llava.model, tiny_llava.processor, compose_cfg("model=tiny_llava", "model.pad_to_square=false").model,
+                            tiny_llava.device)
+    assert crop.parse_box("[0.25, 0.25, 0.5, 0.5]", 600, 400) == pytest.approx((200, 100, 300, 200))
+    assert crop.format_box((200, 100, 300, 200), 600, 400) == "[0.25, 0.25, 0.50, 0.50]"
+    # a box reaching outside the crop is said as its part inside it; an answer at the crop's edge is its edge
+    assert crop.format_box((0, 0, 300, 400), 600, 400) == "[0.00, 0.00, 0.50, 1.00]"
+    assert crop.parse_box("[0.0, 0.0, 1.0, 1.0]", 600, 400) == pytest.approx((100, 0, 500, 400))
+    # portrait 400x600: the crop covers y 100..500
+    assert crop.parse_box("[0.5, 0.5, 1.0, 1.0]", 400, 600) == pytest.approx((200, 300, 400, 500))
+    # pad_to_square=true (the default) stays the padded square: S = 600, y offset 100
+    assert tiny_llava.parse_box("[0.5, 0.25, 0.75, 0.5]", 600, 400) == pytest.approx((300, 50, 450, 200))
+    assert tiny_llava.format_box((300, 50, 450, 200), 600, 400) == "[0.50, 0.25, 0.75, 0.50]"

@@ -8,8 +8,9 @@ Conventions
   unless a name says otherwise; COCO boxes are xywh.
 - A ``TokenGrid`` lays rows x cols visual tokens over a rectangle of original-image
   coordinates; the rectangle may reach beyond the image (padding) and need not be square.
-- LLaVA-1.5 answers boxes normalised to the padded square; InternVL answers on a 0..1000 scale
-  of the original (unpadded) image (see TECH_NOTES "Boxes").
+- LLaVA-1.5 answers boxes normalised to the frame it saw: the padded square (as it was trained),
+  or the centre crop with `pad_to_square=false`; InternVL answers on a 0..1000 scale of the
+  original (unpadded) image (see TECH_NOTES "Boxes").
 """
 
 from __future__ import annotations
@@ -223,25 +224,29 @@ def clip_box(xyxy: Sequence[float], width: int, height: int) -> Box:
     return (min(max(x1, 0.0), w), min(max(y1, 0.0), h), min(max(x2, 0.0), w), min(max(y2, 0.0), h))
 
 
-def _llava_square(width: int, height: int) -> tuple[int, int, int]:
-    """(S, left, top) of LLaVA's pad-to-square frame."""
-    s = max(width, height)
-    return s, (s - width) // 2, (s - height) // 2
+def grid_norm_to_pixels(box_norm: Sequence[float], grid: TokenGrid, width: int, height: int) -> Box:
+    """[0,1] box on the frame the model saw (`grid`'s rectangle) -> xyxy original pixels, clipped."""
+    xn1, yn1, xn2, yn2 = (float(v) for v in box_norm)
+    sx, sy = grid.x1 - grid.x0, grid.y1 - grid.y0
+    box = (grid.x0 + xn1 * sx, grid.y0 + yn1 * sy, grid.x0 + xn2 * sx, grid.y0 + yn2 * sy)
+    return clip_box(box, width, height)
+
+
+def pixels_to_grid_norm(xyxy: Sequence[float], grid: TokenGrid) -> Box:
+    """xyxy original pixels -> [0,1] box on the frame the model saw (no rounding, no clipping)."""
+    x1, y1, x2, y2 = (float(v) for v in xyxy)
+    sx, sy = grid.x1 - grid.x0, grid.y1 - grid.y0
+    return ((x1 - grid.x0) / sx, (y1 - grid.y0) / sy, (x2 - grid.x0) / sx, (y2 - grid.y0) / sy)
 
 
 def llava_norm_to_pixels(box_norm: Sequence[float], width: int, height: int) -> Box:
     """LLaVA [0,1] box on the padded square -> xyxy original pixels, clipped to the image."""
-    s, left, top = _llava_square(width, height)
-    xn1, yn1, xn2, yn2 = (float(v) for v in box_norm)
-    box = (xn1 * s - left, yn1 * s - top, xn2 * s - left, yn2 * s - top)
-    return clip_box(box, width, height)
+    return grid_norm_to_pixels(box_norm, llava_grid(width, height, pad_to_square=True), width, height)
 
 
 def pixels_to_llava_norm(xyxy: Sequence[float], width: int, height: int) -> Box:
     """xyxy original pixels -> LLaVA [0,1] box on the padded square (no rounding)."""
-    s, left, top = _llava_square(width, height)
-    x1, y1, x2, y2 = (float(v) for v in xyxy)
-    return ((x1 + left) / s, (y1 + top) / s, (x2 + left) / s, (y2 + top) / s)
+    return pixels_to_grid_norm(xyxy, llava_grid(width, height, pad_to_square=True))
 
 
 def internvl_1000_to_pixels(box_1000: Sequence[float], width: int, height: int) -> Box:

@@ -1,4 +1,4 @@
-"""LLaVA-1.5 adapter: 336 px CLIP, 24x24 = 576 visual tokens, boxes on the padded square."""
+"""LLaVA-1.5 adapter: 336 px CLIP, 24x24 = 576 visual tokens, boxes on the frame the model saw."""
 
 from __future__ import annotations
 
@@ -54,12 +54,14 @@ class LlavaAdapter(VLMAdapter):
             n_tiles=1,
         )
 
-    # LLaVA-1.5 was trained on boxes normalised to the padded square, whatever the
-    # preprocessing used at evaluation time, so answers are always read in that frame.
+    # Boxes are normalised to the frame the model saw, the token grid's rectangle: the padded
+    # square (pad_to_square=true, as LLaVA-1.5 was trained) or the centre crop (false), whose
+    # [0, 1] spans only the part of the image inside the crop.
     def parse_box(self, text: str, width: int, height: int) -> Box | None:
         norm = geometry.parse_llava_box(text)
-        return None if norm is None else geometry.llava_norm_to_pixels(norm, width, height)
+        return None if norm is None else geometry.grid_norm_to_pixels(norm, self.grid(width, height), width, height)
 
     def format_box(self, xyxy: Sequence[float], width: int, height: int) -> str:
-        norm = geometry.pixels_to_llava_norm(xyxy, width, height)
-        return geometry.format_llava_box(norm, int(self.cfg.box_decimals))
+        norm = geometry.pixels_to_grid_norm(xyxy, self.grid(width, height))
+        # a box reaching outside the centre crop is said as its part inside it
+        return geometry.format_llava_box([min(max(v, 0.0), 1.0) for v in norm], int(self.cfg.box_decimals))
