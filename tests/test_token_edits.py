@@ -100,6 +100,28 @@ def test_shuffle_keeps_the_multiset_and_one_token_object_is_unchanged(tiny_inter
     assert torch.equal(apply_edits(c1, [e1]), c1)
 
 
+def test_object_shuffle_keeps_each_token_in_its_own_tile(tiny_internvl, tmp_path):
+    """A 900x300 object over several local crops and the thumbnail: every destination takes a
+    source of its own tile (and so its own view); within=image mixes tiles."""
+    ad = tiny_internvl
+    sample = _square_sample(tmp_path, 900, 300, (100, 60, 600, 180))
+    lay = ad.prepare([sample.load_image()], [ad.prompt("classification", "cat")]).layouts[0]
+    tile_at = dict(zip(lay.positions.tolist(), lay.tile.tolist()))
+    sel = lay.object_tokens(sample.mask())
+    assert len(set(lay.tile[sel].tolist())) >= 3 and "global" in set(lay.view[sel].tolist())
+    (edit,) = shuffle_condition("object", 0).edits(sample, lay, "classification")
+    assert sorted(edit.dst.tolist()) == sorted(lay.positions[sel].tolist())
+    assert [tile_at[p] for p in edit.src.tolist()] == [tile_at[p] for p in edit.dst.tolist()]
+    assert (edit.src != edit.dst).mean() > 0.5  # a real permutation inside each tile
+    for t in set(lay.tile[sel].tolist()):  # the same multiset per tile
+        in_t = [i for i, p in enumerate(edit.dst.tolist()) if tile_at[p] == t]
+        assert sorted(edit.src[in_t].tolist()) == sorted(edit.dst[in_t].tolist())
+    (mixed,) = shuffle_condition("object", 0, within="image").edits(sample, lay, "classification")
+    assert any(tile_at[s] != tile_at[d] for s, d in zip(mixed.src.tolist(), mixed.dst.tolist()))
+    with pytest.raises(ValueError, match="within"):
+        shuffle_condition("object", 0, within="view")
+
+
 def test_per_row_conditions_in_one_batch_equal_one_at_a_time(tiny_llava, tmp_path):
     ad = tiny_llava
     sample = _square_sample(tmp_path)

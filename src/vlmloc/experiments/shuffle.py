@@ -21,20 +21,35 @@ from vlmloc.selection import object_positions, row_rng
 log = logging.getLogger("vlmloc.experiments.shuffle")
 
 
-def shuffle_condition(scope: str, seed: int) -> Condition:
+def shuffle_condition(scope: str, seed: int, within: str = "tile") -> Condition:
+    """global: every visual token, across tiles. object: the object's tokens (p = 0), each permuted
+    within its own tile (`within="tile"`: an InternVL token never moves between the thumbnail and
+    the local crops) or across all of the image's tiles (`within="image"`). LLaVA has one tile."""
+
     def edits(sample: Sample, layout: VisualLayout, task: str) -> list[TokenEdit]:
-        dst = layout.positions if scope == "global" else object_positions(layout, sample, 0)
-        perm = row_rng(seed, sample.sample_id, "shuffle", scope).permutation(len(dst))
-        return [TokenEdit.copy(dst=dst, src=np.asarray(dst)[perm])]
+        rng = row_rng(seed, sample.sample_id, "shuffle", scope)
+        if scope == "global":
+            return [TokenEdit.copy(dst=layout.positions, src=layout.positions[rng.permutation(layout.n_visual)])]
+        selected = layout.object_tokens(sample.mask(), 0)
+        dst = layout.positions[selected]
+        groups = layout.tile[selected] if within == "tile" else np.zeros(len(dst), dtype=np.int64)
+        src = np.empty_like(dst)
+        for g in np.unique(groups):
+            idx = np.flatnonzero(groups == g)
+            src[idx] = dst[idx][rng.permutation(len(idx))]
+        return [TokenEdit.copy(dst=dst, src=src)]
 
     if scope not in ("global", "object"):
         raise ValueError(f"unknown shuffle scope {scope!r}; expected global or object")
+    if within not in ("tile", "image"):
+        raise ValueError(f"unknown shuffle experiment.within={within!r}; expected tile or image")
     return Condition(f"shuffle:{scope}", edits, {"strategy": "shuffle", "scope": scope})
 
 
 def run(ctx: RunContext) -> None:
     cfg = ctx.cfg
-    conditions = [BASELINE] + [shuffle_condition(str(s), int(cfg.seed)) for s in cfg.experiment.scopes]
+    within = str(cfg.experiment.within)
+    conditions = [BASELINE] + [shuffle_condition(str(s), int(cfg.seed), within) for s in cfg.experiment.scopes]
     done = ctx.store.done_keys()
     df = evaluate(ctx.adapter, ctx.samples, list(cfg.tasks), batch_size=int(cfg.batch_size), conditions=conditions, skip=done) \
         if any((s.sample_id, t, c.name) not in done for s in ctx.samples for t in cfg.tasks for c in conditions) else None
