@@ -3,9 +3,12 @@ tables recorded in tests/golden/ (float tolerance), on whichever supported trans
 
 The records were made with code that predates the hook core, on transformers 5.17, where that code
 was correct; they guard refactors of the engine and runner and the transformers range at once.
-Rerecord (only after a change that is meant to change numbers, saying so in the commit):
+Rerecord (only after a change that is meant to change numbers, naming the records and why in the
+commit):
 
-    python tests/test_golden.py tests/golden
+    python tests/test_golden.py tests/golden [name ...]      # default: every record
+
+Rerecorded since: head_ablation-demo_llava (random head sets nested across k).
 """
 
 from __future__ import annotations
@@ -132,13 +135,15 @@ def test_experiment_reproduces_its_golden_record(name, reruns):
     assert _tables(got_dir) == {p.name: p.read_text() for p in sorted(want_dir.glob("*.md"))}
 
 
-def record(out: Path) -> None:
-    """Write the golden records: each run's parquet files and markdown tables, nothing else."""
+def record(out: Path, names: list[str] | None = None) -> None:
+    """Write the golden records of `names` (default: all): each run's parquet files and markdown
+    tables, nothing else. The runs they need are run too, not written."""
     import tempfile
 
     with tempfile.TemporaryDirectory() as tmp:
-        for name in RUNS:  # in dependency order
-            run_dir = run_one(Path(tmp), name)
+        runs = _Reruns(Path(tmp))
+        for name in names or list(RUNS):
+            run_dir = runs.get(name)
             dest = out / name
             shutil.rmtree(dest, ignore_errors=True)
             dest.mkdir(parents=True)
@@ -149,4 +154,4 @@ def record(out: Path) -> None:
 
 
 if __name__ == "__main__":
-    record(Path(sys.argv[1]))
+    record(Path(sys.argv[1]), sys.argv[2:] or None)

@@ -150,12 +150,20 @@ def test_rank_heads_on_a_hand_made_frame():
 
 def test_random_heads_are_matched_per_layer():
     top = [(3, 1), (3, 5), (7, 0), (12, 6), (12, 2), (12, 3)]
-    draws = [random_heads(top, 8, np.random.default_rng(seed)) for seed in range(20)]
+    draws = [random_heads(top, 8, seed, "t") for seed in range(400)]
     for d in draws:
         assert Counter(layer for layer, _ in d) == Counter(layer for layer, _ in top)
         assert len(set(d)) == len(d) and all(0 <= h < 8 for _, h in d)
     assert len({tuple(d) for d in draws}) > 1
-    assert random_heads(top, 8, np.random.default_rng(0)) == draws[0]
+    assert random_heads(top, 8, 0, "t") == draws[0]
+    # uniform within a layer: layer 12 takes 3 of 8 heads, so each head is drawn 3/8 of the time
+    share = Counter(h for d in draws for layer, h in d if layer == 12)
+    assert all(abs(share[h] / len(draws) - 3 / 8) < 0.1 for h in range(8))
+    # nested: growing the top set by one head grows the random set by one head of the same layer
+    for seed in range(20):
+        sets = [set(random_heads(top[:k], 8, seed, "t")) for k in range(1, len(top) + 1)]
+        for smaller, larger, added in zip(sets, sets[1:], top[1:]):
+            assert smaller < larger and len(larger - smaller) == 1 and next(iter(larger - smaller))[0] == added[0]
     # the experiment's random set for k is matched to that task's top-k set, the same in every call
     st = ha.settings(compose_cfg("experiment=head_ablation", "experiment.cma_dir=unused"))
     plan = Plan({t: rank_heads(tiny_mf(4, 8), t) for t in ("classification", "localization")}, st)
@@ -164,6 +172,8 @@ def test_random_heads_are_matched_per_layer():
             top_k, rnd = plan.heads("top", k, task, 8, 0), plan.heads("random", k, task, 8, 0)
             assert Counter(layer for layer, _ in rnd) == Counter(layer for layer, _ in top_k) and len(set(rnd)) == k
             assert rnd == plan.heads("random", k, task, 8, 0)
+        sets = [set(plan.heads("random", k, task, 8, 0)) for k in plan.ks]
+        assert all(a < b for a, b in zip(sets, sets[1:])), "the random sets nest as k grows"
     assert plan.heads("top", 4, "localization", 8, 0) != plan.heads("top", 4, "classification", 8, 0)
     assert plan.heads("cls_critical", 4, "localization", 8, 0) == plan.heads("top", 4, "classification", 8, 0)
     assert plan.ks == [1, 2, 5, 10, 20, 32]

@@ -12,8 +12,8 @@ head; larger k are clipped):
 
 - ``heads:top:k=K``: the K highest-ranked heads of the measured task's own ranking;
 - ``heads:random:k=K``: random heads matched per layer to that top-K set (as many heads in each
-  layer, drawn uniformly from the layer's heads, seeded by seed, task and K): the control a
-  referee asked for;
+  layer, drawn uniformly from the layer's heads, seeded by seed, task and layer, nested: the
+  K-set contains every smaller set): the control a referee asked for;
 - ``heads:cls_critical:k=K``: the classification ranking's top K, measured on localization only
   ("recognition, then localization").
 
@@ -126,14 +126,20 @@ def top_heads(ranking: pd.DataFrame, k: int) -> list[Head]:
     return list(zip(ranking["layer"].iloc[:k].tolist(), ranking["head"].iloc[:k].tolist()))
 
 
-def random_heads(heads: Sequence[Head], n_heads: int, rng: np.random.Generator) -> list[Head]:
-    """As many heads per layer as `heads` has, drawn uniformly (without replacement) from the layer's `n_heads`."""
+def random_heads(heads: Sequence[Head], n_heads: int, seed: int, *keys: object) -> list[Head]:
+    """As many heads per layer as `heads` has, drawn uniformly (without replacement) from the layer's `n_heads`.
+
+    Each layer draws one random order of its heads (seeded by seed, keys and the layer) and takes
+    its first c heads, so as the top-k set grows the random set grows with it: the k-set contains
+    the (k-1)-set, and the control curve is monotone in what it removes, like the top-k curve.
+    """
     counts = Counter(layer for layer, _ in heads)
     out: list[Head] = []
     for layer in sorted(counts):
         if counts[layer] > n_heads:
             raise ValueError(f"{counts[layer]} heads in layer {layer}, but a layer has {n_heads}")
-        out += [(layer, int(h)) for h in np.sort(rng.choice(n_heads, size=counts[layer], replace=False))]
+        order = row_rng(seed, *keys, layer).permutation(n_heads)
+        out += [(layer, int(h)) for h in np.sort(order[: counts[layer]])]
     return out
 
 
@@ -246,7 +252,7 @@ class Plan:
         if head_set == "top":
             return top_heads(self.ranks[task], k)
         if head_set == "random":
-            return random_heads(top_heads(self.ranks[task], k), n_heads, row_rng(seed, "heads_random", task, k))
+            return random_heads(top_heads(self.ranks[task], k), n_heads, seed, "heads_random", task)
         if head_set == "cls_critical":
             return top_heads(self.ranks["classification"], k)
         raise ValueError(f"unknown head set {head_set!r}; expected one of {HEAD_SETS}")
