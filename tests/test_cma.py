@@ -6,13 +6,16 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from PIL import Image
 
 from conftest import compose_cfg, noise_image
 from vlmloc import app
 from vlmloc.data import load_samples
-from vlmloc.data.pairs import inpainted_name, sample_record, write_manifest
+from vlmloc.data.pairs import inpainted_name, read_manifest, sample_record, write_manifest
 from vlmloc.engine.heads import HeadEdit, capture_heads, capture_layer_inputs, edit_heads, head_slice, run_from_layer
 from vlmloc.engine.mediation import Target, answer_probability, head_mediation, mediation_fraction
+from vlmloc.engine.runner import next_token_logprobs, yes_probability
+from vlmloc.experiments.cma import check_pairs_model
 
 ANSWER = " [0.12, 0.30, 0.55, 0.80]"
 
@@ -99,7 +102,7 @@ def _make_pairs_dir(tmp_path, data_dir, n=2):
     return pairs_dir, samples
 
 
-def test_cma_end_to_end_and_resume(tmp_path, monkeypatch):
+def test_cma_end_to_end_and_resume(tmp_path, monkeypatch, tiny_llava):
     pairs_dir, samples = _make_pairs_dir(tmp_path, tmp_path / "data")
     cfg = compose_cfg("experiment=cma", "model=tiny_llava", "data=pairs", f"data.pairs_dir={pairs_dir}",
                       "model.localization.max_new_tokens=6", "experiment.min_denominator=0.0")
@@ -109,14 +112,42 @@ def test_cma_end_to_end_and_resume(tmp_path, monkeypatch):
     n_layers, n_heads = 2, 4
     assert len(mf) == len(samples) * 2 * n_layers * n_heads
     assert set(mf["task"]) == {"classification", "localization"}
-    row = mf.iloc[0]
-    assert row["mf"] == pytest.approx((row["p_base"] - row["p_patched"]) / (row["p_base"] - row["p_src"]))
+    # the stored P columns against forwards run here, head patched by hand, and MF from those
+    ad = tiny_llava
+    for (layer, head) in ((0, 1), (1, 3)):
+        row = mf[(mf["task"] == "classification") & (mf["layer"] == layer) & (mf["head"] == head)].iloc[0]
+        sample = next(s for s in samples if s.sample_id == row["sample_id"])
+        prompt = ad.prompt("classification", sample.category)
+        src = ad.prepare([sample.load_image()], [prompt])
+        base = ad.prepare([Image.open(pairs_dir / inpainted_name(sample.sample_id)).convert("RGB")], [prompt])
+        with torch.no_grad():
+            p_src = yes_probability(ad, next_token_logprobs(ad, src))[0]
+            p_base = yes_probability(ad, next_token_logprobs(ad, base))[0]
+            S = capture_heads(ad, src.inputs)
+            with edit_heads(ad, [[HeadEdit(layer, head, S[layer][0, :, head_slice(ad, head)])]]):
+                p_patched = yes_probability(ad, next_token_logprobs(ad, base))[0]
+        assert (row["p_src"], row["p_base"], row["p_patched"]) == pytest.approx((p_src, p_base, p_patched), abs=1e-5)
+        assert row["mf"] == pytest.approx((p_base - p_patched) / (p_base - p_src), rel=1e-3, abs=1e-5)
     summary = (run_dir / "cma_summary.md").read_text()
     assert "top 10 heads" in summary and "overlap between tasks" in summary and "critical: mean MF >= 0.1" in summary
     assert (run_dir / "fig4_cma_heatmaps.png").stat().st_size > 0
     monkeypatch.setattr(app, "load_adapter", lambda cfg: pytest.fail("a finished run must not load the model"))
     app.run(cfg, run_dir)
     pd.testing.assert_frame_equal(pd.read_parquet(run_dir / "mf.parquet"), mf)
+
+
+def test_pairs_kept_by_another_model_are_refused(tmp_path, monkeypatch, caplog):
+    pairs_dir, _ = _make_pairs_dir(tmp_path, tmp_path / "data")
+    manifest = read_manifest(pairs_dir)
+    write_manifest(pairs_dir, manifest.assign(model="demo_llava@0123456789ab"))
+    monkeypatch.setattr(app, "load_adapter", lambda cfg: pytest.fail("the model must not load"))
+    args = ("experiment=cma", "model=tiny_llava", "data=pairs", f"data.pairs_dir={pairs_dir}")
+    with pytest.raises(ValueError, match=r"kept by the answers of model demo_llava, not model=tiny_llava"):
+        app.run(compose_cfg(*args), tmp_path / "run")
+    check_pairs_model(compose_cfg(*args, "model=demo_llava"))  # the model that made them
+    with caplog.at_level("WARNING"):
+        check_pairs_model(compose_cfg(*args, "experiment.other_model_pairs=warn"))
+    assert "kept by the answers of model demo_llava" in caplog.text
 
 
 def test_cma_needs_pairs():

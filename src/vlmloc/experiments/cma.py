@@ -19,7 +19,7 @@ import pandas as pd
 from tqdm.auto import tqdm
 
 from vlmloc.app import RunContext
-from vlmloc.data.pairs import inpainted_sample
+from vlmloc.data.pairs import inpainted_sample, read_manifest
 from vlmloc.data.sample import Sample
 from vlmloc.engine.mediation import Target, head_mediation, mediation_fraction
 from vlmloc.engine.runner import generate
@@ -36,6 +36,26 @@ def check_config(cfg) -> None:
         raise ValueError(f"experiment=cma needs source/base pairs: run experiment=make_pairs, then data=pairs data.pairs_dir=<its run dir> (got data={cfg.data.name})")
     if str(cfg.experiment.positions) not in ("all", "text"):
         raise ValueError("experiment.positions must be all or text")
+    check_pairs_model(cfg)
+
+
+def check_pairs_model(cfg) -> None:
+    """The pairs were kept by one model's answers (recognized in the original, not in the inpainted
+    image): analysing them with another model is refused, or only warned about with
+    `experiment.other_model_pairs=warn`."""
+    policy = str(cfg.experiment.other_model_pairs)
+    if policy not in ("refuse", "warn"):
+        raise ValueError(f"experiment.other_model_pairs must be refuse or warn (got {policy!r})")
+    manifest = read_manifest(cfg.data.pairs_dir)
+    names = sorted({str(m).split("@")[0] for m in manifest["model"].dropna()}) if "model" in manifest else []
+    if not names or names == [str(cfg.model.name)]:
+        return
+    msg = (f"the pairs in {cfg.data.pairs_dir} were kept by the answers of model {', '.join(names)}, not model="
+           f"{cfg.model.name}: they need not be pairs this model recognizes and then misses. Make pairs with this "
+           f"model (experiment=make_pairs model={cfg.model.name}), or set experiment.other_model_pairs=warn")
+    if policy == "refuse":
+        raise ValueError(msg)
+    log.warning(msg)
 
 
 def _pair_rows(ctx: RunContext, sample: Sample, task: str) -> pd.DataFrame:
