@@ -8,7 +8,8 @@ commit):
 
     python tests/test_golden.py tests/golden [name ...]      # default: every record
 
-Rerecorded since: head_ablation-demo_llava (random head sets nested across k).
+Rerecorded since: head_ablation-demo_llava (random head sets nested across k), knockout-demo_llava
+(random keys from the image area).
 """
 
 from __future__ import annotations

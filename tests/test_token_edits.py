@@ -12,6 +12,7 @@ from vlmloc.engine.attribution import integrated_gradients
 from vlmloc.engine.runner import generate, next_token_logprobs
 from vlmloc.engine.token_edits import TokenEdit, apply_edits, edit_lm_input
 from vlmloc.engine.visual_features import projector_io
+from vlmloc.experiments.knockout import key_positions as ko_key_positions
 from vlmloc.experiments.shuffle import shuffle_condition
 from vlmloc.experiments.token_ablation import object_condition, random_condition, scored_condition
 
@@ -153,6 +154,18 @@ def test_selection_counts_and_register_rule(tiny_llava, tmp_path):
     assert rnd.n == obj.n and len(set(rnd.dst)) == obj.n
     assert np.array_equal(rnd.dst, random_condition(0, mean).edits(sample, lay, "classification")[0].dst)
     assert not np.array_equal(rnd.dst, random_condition(1, mean).edits(sample, lay, "classification")[0].dst)
+    # random tokens come from the image area: 300x200 on the 300x300 square, y offset 50, cells of
+    # 12.5 px, so token rows 4..19 hold image pixels and rows 0-3, 20-23 only the grey padding
+    row_of = dict(zip(lay.positions.tolist(), lay.row.tolist()))
+    image_rows, anywhere = set(), set()
+    for seed in range(30):
+        image_rows |= {row_of[p] for p in random_condition(seed, mean).edits(sample, lay, "classification")[0].dst.tolist()}
+        anywhere |= {row_of[p] for p in random_condition(seed, mean, "all").edits(sample, lay, "classification")[0].dst.tolist()}
+        keys = ko_key_positions("random", sample, lay, seed)
+        assert len(keys) == obj.n and {row_of[p] for p in keys.tolist()} <= set(range(4, 20))
+    assert image_rows == set(range(4, 20)) and anywhere > image_rows
+    with pytest.raises(ValueError, match="image"):
+        random_condition(0, mean, "padding").edits(sample, lay, "classification")
     scores = np.ones(576)
     scores[[3, 100, 200]] = [10.0, 2.9, 3.0]  # median 1: factor 3 keeps norms >= 3
     reg = scored_condition("register", {sample.sample_id: scores}, mean, per_task=False, top_k=False, factor=3.0)

@@ -28,10 +28,25 @@ def row_rng(seed: int, *keys: object) -> np.random.Generator:
     return np.random.default_rng(int.from_bytes(digest[:8], "little"))
 
 
-def random_positions(layout: VisualLayout, count: int, rng: np.random.Generator) -> np.ndarray:
-    """`count` distinct visual-token positions drawn uniformly."""
-    count = min(int(count), layout.n_visual)
-    return np.sort(rng.choice(layout.positions, size=count, replace=False))
+RANDOM_FROM = ("image", "all")
+
+
+def random_positions(
+    layout: VisualLayout, count: int, rng: np.random.Generator, sample: Sample | None = None, among: str = "all"
+) -> np.ndarray:
+    """`count` distinct visual-token positions drawn uniformly from `among`: every visual token
+    ("all"), or those whose cell covers some pixel of `sample`'s image ("image": a padded LLaVA
+    square's grey border is left out, so the random control ablates image content as the object
+    tokens do)."""
+    if among not in RANDOM_FROM:
+        raise ValueError(f"random tokens are drawn from one of {list(RANDOM_FROM)}, got {among!r}")
+    pool = layout.positions
+    if among == "image":
+        if sample is None:
+            raise ValueError("random tokens from the image area need the sample")
+        pool = pool[layout.object_tokens(np.ones((sample.height, sample.width), dtype=bool), 0)]
+    count = min(int(count), len(pool))
+    return np.sort(rng.choice(pool, size=count, replace=False))
 
 
 def top_k_positions(layout: VisualLayout, scores: np.ndarray, k: int) -> np.ndarray:

@@ -39,7 +39,7 @@ from vlmloc.evaluation import BASELINE, Condition, evaluate, max_new_tokens
 from vlmloc.models.layout import VisualLayout
 from vlmloc.experiments.reporting import task_columns
 from vlmloc.results import add_baseline_delta, atomic_write, summarize, to_markdown
-from vlmloc.selection import object_positions, random_positions, row_rng
+from vlmloc.selection import RANDOM_FROM, object_positions, random_positions, row_rng
 
 log = logging.getLogger("vlmloc.experiments.knockout")
 
@@ -62,6 +62,7 @@ class Settings:
     key_sets: tuple[str, ...]
     query_set: str
     tasks: tuple[str, ...]
+    random_from: str = "image"
 
 
 def settings(cfg: Any) -> Settings:
@@ -76,7 +77,9 @@ def settings(cfg: Any) -> Settings:
     tasks = tuple(str(t) for t in exp.tasks)
     if not tasks or any(t not in TASK_COLORS for t in tasks):
         raise ValueError(f"experiment.tasks must be a non-empty subset of {list(TASK_COLORS)}, got {list(tasks)}")
-    return Settings(int(exp.window), bool(exp.include_single_layers), keys, str(exp.query_set), tasks)
+    if str(exp.random_from) not in RANDOM_FROM:
+        raise ValueError(f"experiment.random_from must be one of {list(RANDOM_FROM)}, got {exp.random_from!r}")
+    return Settings(int(exp.window), bool(exp.include_single_layers), keys, str(exp.query_set), tasks, str(exp.random_from))
 
 
 def check_config(cfg: Any) -> None:
@@ -135,13 +138,14 @@ def condition_name(keys: str, layer_set: LayerSet) -> str:
     return f"knockout:{keys}:{layer_set.label}"
 
 
-def key_positions(keys: str, sample: Sample, layout: VisualLayout, seed: int) -> np.ndarray:
-    """The key set of one row: the object's tokens, or as many random visual tokens (seeded per sample)."""
+def key_positions(keys: str, sample: Sample, layout: VisualLayout, seed: int, random_from: str = "image") -> np.ndarray:
+    """The key set of one row: the object's tokens, or as many random visual tokens (seeded per
+    sample, from the image area or every token: `random_from`)."""
     obj = object_positions(layout, sample, 0)
     if keys == "object":
         return obj
     if keys == "random":
-        return random_positions(layout, len(obj), row_rng(seed, sample.sample_id, "knockout", "random"))
+        return random_positions(layout, len(obj), row_rng(seed, sample.sample_id, "knockout", "random"), sample, random_from)
     raise ValueError(f"unknown knockout key set {keys!r}; expected one of {KEY_SETS}")
 
 
@@ -153,13 +157,14 @@ def query_positions(queries: str, layout: VisualLayout, seq_len: int, new_tokens
 
 
 def knockout_condition(
-    keys: str, layer_set: LayerSet, *, seed: int, new_tokens: Mapping[str, int], queries: str = "post_image"
+    keys: str, layer_set: LayerSet, *, seed: int, new_tokens: Mapping[str, int], queries: str = "post_image",
+    random_from: str = "image",
 ) -> Condition:
     """Block `queries` -> `keys` in `layer_set`. new_tokens: task -> tokens its call may generate."""
 
     def spec(sample: Sample, layout: VisualLayout, task: str, seq_len: int) -> Knockout:
         q = query_positions(queries, layout, seq_len, int(new_tokens[task]))
-        return Knockout.make(q, key_positions(keys, sample, layout, seed), layer_set.layers)
+        return Knockout.make(q, key_positions(keys, sample, layout, seed, random_from), layer_set.layers)
 
     columns = {"keys": keys, "layers": layer_set.label.split("=")[1], "layer_first": layer_set.first, "layer_last": layer_set.last}
     return Condition(condition_name(keys, layer_set), knockout=spec, columns=columns)
@@ -173,7 +178,8 @@ def build_conditions(n_layers: int, st: Settings, *, seed: int, new_tokens: Mapp
     conds = [Condition(BASELINE.name, columns=BASELINE_COLUMNS)]
     for keys in st.key_sets:
         for ls in layer_sets(n_layers, st.window, st.include_single_layers):
-            conds.append(knockout_condition(keys, ls, seed=seed, new_tokens=new_tokens, queries=st.query_set))
+            conds.append(knockout_condition(keys, ls, seed=seed, new_tokens=new_tokens, queries=st.query_set,
+                                            random_from=st.random_from))
     return conds
 
 

@@ -28,7 +28,7 @@ from vlmloc.engine.visual_features import iter_unique_images, projector_io
 from vlmloc.evaluation import BASELINE, Condition, evaluate
 from vlmloc.experiments.reporting import paper_table, write_summary
 from vlmloc.models.layout import VisualLayout
-from vlmloc.selection import object_positions, random_positions, row_rng, top_k_positions
+from vlmloc.selection import RANDOM_FROM, object_positions, random_positions, row_rng, top_k_positions
 
 log = logging.getLogger("vlmloc.experiments.token_ablation")
 
@@ -50,10 +50,12 @@ def object_condition(pad: int, mean: torch.Tensor) -> Condition:
     )
 
 
-def random_condition(seed: int, mean: torch.Tensor) -> Condition:
+def random_condition(seed: int, mean: torch.Tensor, among: str = "image") -> Condition:
+    """As many random tokens as the object has, from the image area (or every token: among="all")."""
+
     def select(s: Sample, lay: VisualLayout, task: str) -> np.ndarray:
         k = len(object_positions(lay, s, 0))
-        return random_positions(lay, k, row_rng(seed, s.sample_id, "random"))
+        return random_positions(lay, k, row_rng(seed, s.sample_id, "random"), s, among)
 
     return Condition("random_tokens", ablate(select, mean), {"strategy": "random", "pad": 0})
 
@@ -114,7 +116,7 @@ def build_conditions(ctx: RunContext, mean: torch.Tensor, clean: pd.DataFrame) -
         if strategy == "object":
             conds += [object_condition(int(p), mean) for p in exp.pads]
         elif strategy == "random":
-            conds.append(random_condition(int(ctx.cfg.seed), mean))
+            conds.append(random_condition(int(ctx.cfg.seed), mean, str(exp.random_from)))
         elif strategy == "register":
             scores = register_scores(ctx, samples)
             conds.append(scored_condition("register", scores, mean, per_task=False, top_k=False, factor=float(exp.register.factor)))
@@ -124,6 +126,11 @@ def build_conditions(ctx: RunContext, mean: torch.Tensor, clean: pd.DataFrame) -
         else:
             raise ValueError(f"unknown token selection strategy {strategy!r}")
     return conds
+
+
+def check_config(cfg) -> None:
+    if str(cfg.experiment.random_from) not in RANDOM_FROM:
+        raise ValueError(f"experiment.random_from must be one of {list(RANDOM_FROM)}, got {cfg.experiment.random_from!r}")
 
 
 def condition_names(exp) -> list[str]:
