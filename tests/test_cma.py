@@ -105,7 +105,8 @@ def _make_pairs_dir(tmp_path, data_dir, n=2):
 def test_cma_end_to_end_and_resume(tmp_path, monkeypatch, tiny_llava):
     pairs_dir, samples = _make_pairs_dir(tmp_path, tmp_path / "data")
     cfg = compose_cfg("experiment=cma", "model=tiny_llava", "data=pairs", f"data.pairs_dir={pairs_dir}",
-                      "model.localization.max_new_tokens=6", "experiment.min_denominator=0.0")
+                      "model.localization.max_new_tokens=6", "experiment.min_denominator=0.0",
+                      "experiment.localization_source_min_iou=null")  # keep every pair: a random model's boxes miss
     run_dir = tmp_path / "run"
     app.run(cfg, run_dir)
     mf = pd.read_parquet(run_dir / "mf.parquet")
@@ -134,6 +135,31 @@ def test_cma_end_to_end_and_resume(tmp_path, monkeypatch, tiny_llava):
     monkeypatch.setattr(app, "load_adapter", lambda cfg: pytest.fail("a finished run must not load the model"))
     app.run(cfg, run_dir)
     pd.testing.assert_frame_equal(pd.read_parquet(run_dir / "mf.parquet"), mf)
+
+
+def test_localization_uses_only_pairs_whose_source_box_hits(tmp_path, monkeypatch):
+    pairs_dir, samples = _make_pairs_dir(tmp_path, tmp_path / "data", n=4)
+    # the trained demo model: its boxes hit some objects and miss others
+    args = ("model=demo_llava", "data=pairs", f"data.pairs_dir={pairs_dir}")
+    # the source answers' IoU as the evaluation scores them, on the original images
+    app.run(compose_cfg("experiment=baseline", *args[:3], "tasks=[localization]"), tmp_path / "base")
+    iou = pd.read_parquet(tmp_path / "base" / "results.parquet").set_index("sample_id")["iou"]
+    assert iou.nunique() > 1, "the check below needs hits and misses"
+    need = float(np.sort(iou.to_numpy())[len(iou) // 2])  # keeps the pairs at or above the median IoU
+    run_dir = tmp_path / "run"
+    cfg = compose_cfg("experiment=cma", *args, f"experiment.localization_source_min_iou={need}")
+    app.run(cfg, run_dir)
+    dropped = pd.read_parquet(run_dir / "excluded_pairs.parquet")
+    mf = pd.read_parquet(run_dir / "mf.parquet")
+    missed = sorted(iou.index[iou < need])
+    assert missed and sorted(dropped["sample_id"]) == missed and set(dropped["task"]) == {"localization"}
+    np.testing.assert_allclose(dropped.set_index("sample_id").loc[missed, "source_iou"], iou[missed], atol=1e-9)
+    loc = mf[mf["task"] == "localization"]
+    assert sorted(loc["sample_id"].unique()) == sorted(iou.index[iou >= need])
+    assert set(mf.loc[mf["task"] == "classification", "sample_id"]) == set(iou.index)  # classification keeps all
+    assert f"localization: {len(missed)} pairs dropped before patching because the source box missed" in (run_dir / "cma_summary.md").read_text()
+    monkeypatch.setattr(app, "load_adapter", lambda cfg: pytest.fail("a finished run must not load the model"))
+    app.run(cfg, run_dir)  # the dropped pairs count as done
 
 
 def test_pairs_kept_by_another_model_are_refused(tmp_path, monkeypatch, caplog):

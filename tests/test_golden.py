@@ -9,7 +9,7 @@ commit):
     python tests/test_golden.py tests/golden [name ...]      # default: every record
 
 Rerecorded since: head_ablation-demo_llava (random head sets nested across k), knockout-demo_llava
-(random keys from the image area).
+(random keys from the image area), cma-demo_llava (source IoU column, dropped-pairs line).
 """
 
 from __future__ import annotations

@@ -1,7 +1,9 @@
 """Causal mediation analysis per head (Fig. 4, 13, 14): MF for every pair x task x layer x head.
 
 Writes mf.parquet (one row per sample x task x layer x head: p_src, p_base, p_patched,
-denominator, mf, valid), a summary with the top-k heads per task with their layer and head
+denominator, mf, valid, the source answer and its IoU), excluded_pairs.parquet (pairs left out of
+a task before patching: localization pairs whose source box misses, IoU below
+experiment.localization_source_min_iou, since the source run must answer correctly), a summary with the top-k heads per task with their layer and head
 indices, the overlap of the two tasks' top-k sets, the critical-head threshold and count, the
 pairs excluded for a small denominator, and layer x head heatmaps of mean MF per task.
 """
@@ -18,6 +20,7 @@ import numpy as np
 import pandas as pd
 from tqdm.auto import tqdm
 
+from vlmloc import geometry
 from vlmloc.app import RunContext
 from vlmloc.data.pairs import inpainted_sample, read_manifest
 from vlmloc.data.sample import Sample
@@ -28,7 +31,10 @@ from vlmloc.results import atomic_write, to_markdown
 log = logging.getLogger("vlmloc.experiments.cma")
 MF_FILE = "mf.parquet"
 MF_COLUMNS = ["sample_id", "image_id", "category", "task", "layer", "head", "positions", "p_src", "p_base",
-              "p_patched", "denominator", "mf", "valid", "answer"]
+              "p_patched", "denominator", "mf", "valid", "answer", "source_iou"]
+# pairs left out of a task before any patching (localization: the source box missed), one row each
+EXCLUDED_FILE = "excluded_pairs.parquet"
+EXCLUDED_COLUMNS = ["sample_id", "image_id", "category", "task", "answer", "source_iou", "reason"]
 
 
 def check_config(cfg) -> None:
@@ -58,13 +64,23 @@ def check_pairs_model(cfg) -> None:
     log.warning(msg)
 
 
-def _pair_rows(ctx: RunContext, sample: Sample, task: str) -> pd.DataFrame:
+def _pair_rows(ctx: RunContext, sample: Sample, task: str) -> pd.DataFrame | dict:
+    """The pair's MF rows for `task`, or (a dict) the record of why the pair is left out of it."""
     ad, exp = ctx.adapter, ctx.cfg.experiment
     source_image, base_image = sample.load_image(), inpainted_sample(sample).load_image()
     prompt = ad.prompt(task, sample.category)
     answer, target = "", Target(0)
+    source_iou = np.nan
     if task == "localization":
         answer = generate(ad, ad.prepare([source_image], [prompt]), int(ad.cfg.localization.max_new_tokens))[0]
+        box = ad.parse_box(answer, source_image.width, source_image.height)
+        source_iou = geometry.box_iou(box, sample.box_xyxy)
+        need = exp.localization_source_min_iou
+        if need is not None and source_iou < float(need):
+            # the source run must give the correct answer: no localization MF for this pair
+            return {"sample_id": sample.sample_id, "image_id": int(sample.image_id), "category": sample.category,
+                    "task": task, "answer": answer, "source_iou": source_iou,
+                    "reason": f"source box missed (IoU {source_iou:.2f} < {float(need)})"}
         text = prompt + str(ad.cfg.classification.answer_prefix) + answer
         n_answer = ad.prepare([source_image], [text]).seq_len - ad.prepare([source_image], [prompt]).seq_len
         target, prompt = Target(n_answer, str(exp.localization_p)), text
@@ -82,7 +98,7 @@ def _pair_rows(ctx: RunContext, sample: Sample, task: str) -> pd.DataFrame:
         "sample_id": sample.sample_id, "image_id": int(sample.image_id), "category": sample.category, "task": task,
         "layer": layer[keep], "head": head[keep], "positions": str(exp.positions), "p_src": p_src, "p_base": p_base,
         "p_patched": patched[keep], "denominator": p_base - p_src, "mf": mf[keep], "valid": ~np.isnan(mf[keep]),
-        "answer": answer,
+        "answer": answer, "source_iou": source_iou,
     })
 
 
@@ -97,7 +113,7 @@ def top_heads(table: pd.DataFrame, task: str, k: int) -> pd.DataFrame:
     return t.head(k).reset_index(drop=True)
 
 
-def summarize_cma(ctx: RunContext, mf: pd.DataFrame) -> str:
+def summarize_cma(ctx: RunContext, mf: pd.DataFrame, dropped: pd.DataFrame) -> str:
     exp = ctx.cfg.experiment
     table = head_table(mf)
     k, thr = int(exp.top_k), float(exp.critical_mf)
@@ -105,6 +121,10 @@ def summarize_cma(ctx: RunContext, mf: pd.DataFrame) -> str:
              f"critical: mean MF >= {thr}"]
     pairs = mf.groupby(["task", "sample_id"])["valid"].any().groupby("task")
     excluded = (pairs.size() - pairs.sum()).to_dict()
+    if "localization" in ctx.cfg.tasks:
+        missed = int((dropped["task"] == "localization").sum())
+        lines.append(f"localization: {missed} pairs dropped before patching because the source box missed "
+                     f"(IoU < {exp.localization_source_min_iou}: the source run must answer correctly)")
     tops = {}
     for task in sorted(mf["task"].unique()):
         top = top_heads(table, task, k)
@@ -137,22 +157,32 @@ def plot_heatmaps(ctx: RunContext, mf: pd.DataFrame, path) -> None:
     plt.close(fig)
 
 
+def _read(path, columns: list[str]) -> pd.DataFrame:
+    return pd.read_parquet(path) if path.exists() else pd.DataFrame(columns=columns)
+
+
 def run(ctx: RunContext) -> None:
-    path = ctx.run_dir / MF_FILE
-    existing = pd.read_parquet(path) if path.exists() else pd.DataFrame(columns=MF_COLUMNS)
-    done = set(zip(existing["sample_id"], existing["task"]))
+    path, dropped_path = ctx.run_dir / MF_FILE, ctx.run_dir / EXCLUDED_FILE
+    existing, dropped = _read(path, MF_COLUMNS), _read(dropped_path, EXCLUDED_COLUMNS)
+    done = set(zip(existing["sample_id"], existing["task"])) | set(zip(dropped["sample_id"], dropped["task"]))
     todo = [(s, t) for s in ctx.samples for t in ctx.cfg.tasks if (s.sample_id, t) not in done]
-    frames = [existing] if len(existing) else []
+    frames, left_out = ([existing] if len(existing) else []), dropped.to_dict("records")
     for sample, task in tqdm(todo, desc="cma pairs", disable=not todo):
-        frames.append(_pair_rows(ctx, sample, task))
+        rows = _pair_rows(ctx, sample, task)
+        if isinstance(rows, dict):
+            left_out.append(rows)
+            table = pd.DataFrame(left_out, columns=EXCLUDED_COLUMNS)
+            atomic_write(dropped_path, lambda f: table.to_parquet(f, index=False))
+            continue
+        frames.append(rows)
         mf = pd.concat(frames, ignore_index=True)
         atomic_write(path, lambda f: mf.to_parquet(f, index=False))  # after every pair: resumable
     if todo:
-        ctx.write_provenance(cma={"pairs": len(ctx.samples)})
+        ctx.write_provenance(cma={"pairs": len(ctx.samples), "dropped": len(left_out)})
     else:
         log.info("all pairs already analysed in %s: nothing to do", ctx.run_dir)
-    mf = pd.read_parquet(path)
-    text = summarize_cma(ctx, mf)
+    mf, dropped = _read(path, MF_COLUMNS), pd.DataFrame(left_out, columns=EXCLUDED_COLUMNS)
+    text = summarize_cma(ctx, mf, dropped)
     (ctx.run_dir / "cma_summary.md").write_text(text + "\n")
     plot_heatmaps(ctx, mf, ctx.run_dir / "fig4_cma_heatmaps.png")
     print("\n" + text)
