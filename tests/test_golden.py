@@ -9,7 +9,8 @@ commit):
     python tests/test_golden.py tests/golden [name ...]      # default: every record
 
 Rerecorded since: head_ablation-demo_llava (random head sets nested across k), knockout-demo_llava
-(random keys from the image area), cma-demo_llava (source IoU column, dropped-pairs line).
+(random keys from the image area), cma-demo_llava (source IoU column, dropped-pairs line; median and
+pooled MF columns), head_ablation-demo_llava (median and pooled MF columns).
 """
 
 from __future__ import annotations

@@ -138,7 +138,7 @@ def test_rank_heads_on_a_hand_made_frame():
     huge_invalid["valid"] = False  # an invalid row never counts, whatever its mf
     text_rows = mf_frame({("localization", 1, 2): [50.0]}, positions="text")
     r = rank_heads(pd.concat([df, huge_invalid, text_rows], ignore_index=True), "localization", "all")
-    assert list(r.columns) == ["layer", "head", "mean_mf", "n"]
+    assert list(r.columns) == ["layer", "head", "mean_mf", "median_mf", "pooled_mf", "n"]
     assert list(zip(r["layer"], r["head"])) == [(0, 1), (0, 0), (1, 3), (1, 0), (1, 1)]
     np.testing.assert_allclose(r["mean_mf"].iloc[:3], [0.9, 0.3, 0.3])
     assert r["mean_mf"].iloc[3:].isna().all() and r["n"].tolist() == [1, 2, 2, 0, 0]
@@ -146,6 +146,28 @@ def test_rank_heads_on_a_hand_made_frame():
     with pytest.raises(ValueError, match="no MF rows"):
         rank_heads(df, "localization", "text")
     assert ha.k_values([1, 2, 50, "all"], 8) == [1, 2, 8]
+
+
+def test_median_and_pooled_mf_rank_against_a_small_denominator():
+    """Head 0: one pair with a tiny denominator and MF 2, two pairs with MF 0.025; head 1: MF 0.5
+    three times. The mean ranks head 0 first (0.683 > 0.5); the median and the pooled MF (sums of
+    numerators and denominators) rank head 1 first. Values computed by hand."""
+    rows = []
+    for head, pairs in ((0, [(0.10, 0.16, 0.22), (0.1, 0.9, 0.12), (0.1, 0.9, 0.12)]),   # (p_base, p_src, p_patched)
+                        (1, [(0.1, 0.9, 0.5)] * 3)):
+        for pb, ps, pp in pairs:
+            rows.append({"task": "localization", "layer": 0, "head": head, "positions": "all", "p_base": pb, "p_src": ps,
+                         "p_patched": pp, "mf": (pb - pp) / (pb - ps), "valid": True})
+    df = pd.DataFrame(rows)
+    r = rank_heads(df, "localization", "all", "mean").set_index("head")
+    np.testing.assert_allclose(r.loc[[0, 1], "mean_mf"], [(2.0 + 0.025 + 0.025) / 3, 0.5])
+    np.testing.assert_allclose(r.loc[[0, 1], "median_mf"], [0.025, 0.5])
+    np.testing.assert_allclose(r.loc[[0, 1], "pooled_mf"], [(-0.12 - 0.02 - 0.02) / (-0.06 - 0.8 - 0.8), 0.5])
+    assert rank_heads(df, "localization", "all", "mean")["head"].tolist() == [0, 1]
+    for by in ("median", "pooled"):
+        assert rank_heads(df, "localization", "all", by)["head"].tolist() == [1, 0]
+    with pytest.raises(ValueError, match="ranked by one of"):
+        rank_heads(df, "localization", "all", "max")
 
 
 def test_random_heads_are_matched_per_layer():

@@ -102,10 +102,29 @@ def _pair_rows(ctx: RunContext, sample: Sample, task: str) -> pd.DataFrame | dic
     })
 
 
+MF_STATISTICS = ("mean", "median", "pooled")
+
+
+def mf_per_head(rows: pd.DataFrame, keys: tuple[str, ...] = ("task", "layer", "head")) -> pd.DataFrame:
+    """Per head, over its valid rows: mean_mf, median_mf, pooled_mf and n (rows).
+
+    pooled_mf = sum(P_base - P_patched) / sum(P_base - P_src): each pair weighted by its effect,
+    so pairs whose denominator sits just above min_denominator cannot dominate as they can the mean.
+    """
+    valid = rows[rows["valid"].astype(bool) & rows["mf"].notna()]
+    if {"p_base", "p_patched", "p_src"} <= set(valid.columns):
+        valid = valid.assign(_num=valid["p_base"] - valid["p_patched"], _den=valid["p_base"] - valid["p_src"])
+    else:
+        valid = valid.assign(_num=np.nan, _den=np.nan)
+    out = valid.groupby(list(keys), as_index=False).agg(
+        mean_mf=("mf", "mean"), median_mf=("mf", "median"), _num=("_num", "sum"), _den=("_den", "sum"), n=("mf", "size"))
+    out["pooled_mf"] = out["_num"] / out["_den"].where(out["_den"] != 0)
+    return out[[*keys, "mean_mf", "median_mf", "pooled_mf", "n"]]
+
+
 def head_table(mf: pd.DataFrame) -> pd.DataFrame:
-    """Mean MF over valid pairs per (task, layer, head), with the number of pairs."""
-    valid = mf[mf["valid"]]
-    return valid.groupby(["task", "layer", "head"], as_index=False).agg(mean_mf=("mf", "mean"), n=("mf", "size"))
+    """MF statistics over valid pairs per (task, layer, head), with the number of pairs."""
+    return mf_per_head(mf)
 
 
 def top_heads(table: pd.DataFrame, task: str, k: int) -> pd.DataFrame:
@@ -131,7 +150,7 @@ def summarize_cma(ctx: RunContext, mf: pd.DataFrame, dropped: pd.DataFrame) -> s
         tops[task] = set(zip(top["layer"], top["head"]))
         n_crit = int((table[table["task"] == task]["mean_mf"] >= thr).sum())
         lines += ["", f"### {task}: top {k} heads ({n_crit} critical; {excluded.get(task, 0)} pairs excluded, |P_base - P_src| < {exp.min_denominator})",
-                  to_markdown(top[["layer", "head", "mean_mf", "n"]], digits=3)]
+                  to_markdown(top[["layer", "head", "mean_mf", "median_mf", "pooled_mf", "n"]], digits=3)]
     if len(tops) == 2:
         a, b = tops.values()
         shared = sorted(a & b)

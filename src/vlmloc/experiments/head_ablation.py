@@ -51,6 +51,7 @@ from vlmloc.engine.heads import HeadEdit, head_slice
 from vlmloc.evaluation import BASELINE, Condition, evaluate
 from vlmloc.models.adapter import VLMAdapter
 from vlmloc.models.layout import VisualLayout
+from vlmloc.experiments.cma import MF_STATISTICS, mf_per_head
 from vlmloc.experiments.reporting import task_columns
 from vlmloc.results import TASKS, add_baseline_delta, atomic_write, summarize, to_markdown
 from vlmloc.selection import row_rng
@@ -99,27 +100,29 @@ def load_mf(cma_dir: str | Path) -> pd.DataFrame:
     return df
 
 
-def rank_heads(mf_df: pd.DataFrame, task: str, positions: str | None = "all") -> pd.DataFrame:
-    """Heads of `task` ranked by mean MF over valid rows (NaN MF counts as invalid), highest first.
+def rank_heads(mf_df: pd.DataFrame, task: str, positions: str | None = "all", by: str = "mean") -> pd.DataFrame:
+    """Heads of `task` ranked by an MF statistic over valid rows (NaN MF counts as invalid), highest first.
 
-    Columns layer, head, mean_mf, n (valid rows averaged). Heads present in the frame without a
-    valid row come last (mean_mf NaN, n 0); ties break by (layer, head). positions: keep only rows
-    of that patching variant (None = all rows).
+    by: mean (the paper's "mean MF"), median or pooled (`cma.mf_per_head`). Columns layer, head,
+    mean_mf, median_mf, pooled_mf, n (valid rows). Heads present in the frame without a valid row
+    come last (NaN, n 0); ties break by (layer, head). positions: keep only rows of that patching
+    variant (None = all rows).
     """
+    if by not in MF_STATISTICS:
+        raise ValueError(f"heads are ranked by one of {list(MF_STATISTICS)}, got {by!r}")
     sub = mf_df[mf_df["task"] == task]
     if positions is not None:
         sub = sub[sub["positions"] == positions]
     if not len(sub):
         have = sorted(map(tuple, mf_df[["task", "positions"]].drop_duplicates().astype(str).to_numpy().tolist()))
         raise ValueError(f"no MF rows for task={task!r} positions={positions!r}; the frame has (task, positions) {have}")
-    ok = sub["valid"].astype(bool) & sub["mf"].notna()
-    stats = sub[ok].groupby(["layer", "head"])["mf"].agg(mean_mf="mean", n="size").reset_index()
+    stats = mf_per_head(sub, ("layer", "head"))
     heads = sub[["layer", "head"]].drop_duplicates()
     out = heads.merge(stats, on=["layer", "head"], how="left")
     out["n"] = out["n"].fillna(0).astype(int)
     out["layer"], out["head"] = out["layer"].astype(int), out["head"].astype(int)
-    out = out.sort_values(["mean_mf", "layer", "head"], ascending=[False, True, True], na_position="last")
-    return out[["layer", "head", "mean_mf", "n"]].reset_index(drop=True)
+    out = out.sort_values([f"{by}_mf", "layer", "head"], ascending=[False, True, True], na_position="last")
+    return out[["layer", "head", "mean_mf", "median_mf", "pooled_mf", "n"]].reset_index(drop=True)
 
 
 def top_heads(ranking: pd.DataFrame, k: int) -> list[Head]:
@@ -162,6 +165,7 @@ class Settings:
     ablation: str
     mean_samples: int
     tasks: tuple[str, ...]
+    rank_by: str = "mean"
 
     @property
     def ranking_tasks(self) -> list[str]:
@@ -197,13 +201,16 @@ def settings(cfg: Any) -> Settings:
         raise ValueError(f"experiment.tasks must be a non-empty subset of {list(TASKS)}, got {list(tasks)}")
     if head_sets == ("cls_critical",) and "localization" not in tasks:
         raise ValueError("head_sets=[cls_critical] is measured on localization: add localization to experiment.tasks")
-    return Settings(Path(str(exp.cma_dir)), str(exp.mf_positions), ks, head_sets, str(exp.ablation), int(exp.mean_samples), tasks)
+    if str(exp.rank_by) not in MF_STATISTICS:
+        raise ValueError(f"experiment.rank_by must be one of {list(MF_STATISTICS)}, got {exp.rank_by!r}")
+    return Settings(Path(str(exp.cma_dir)), str(exp.mf_positions), ks, head_sets, str(exp.ablation), int(exp.mean_samples), tasks,
+                    str(exp.rank_by))
 
 
 def rankings(mf: pd.DataFrame, st: Settings) -> dict[str, pd.DataFrame]:
     out = {}
     for task in st.ranking_tasks:
-        ranking = rank_heads(mf, task, st.mf_positions)
+        ranking = rank_heads(mf, task, st.mf_positions, st.rank_by)
         if not (ranking["n"] > 0).any():
             raise ValueError(f"{st.cma_dir / MF_FILE}: no valid MF row for task={task!r} positions={st.mf_positions!r}")
         out[task] = ranking
@@ -423,7 +430,7 @@ def report(results: pd.DataFrame, run_dir: Path, *, plan: Plan, cfg: Any) -> str
         "",
         f"model={cfg.model.name} | data={cfg.data.name} | {run_dir} | cma_dir={st.cma_dir}",
         "",
-        f"Heads ranked per task by mean MF over valid rows (positions={st.mf_positions}); the top k ablated together "
+        f"Heads ranked per task by {st.rank_by} MF over valid rows (positions={st.mf_positions}); the top k ablated together "
         f"({st.ablation} ablation, every position). random: as many heads per layer as the top-k set, drawn uniformly "
         "(control). cls_critical: the classification ranking's top k, measured on localization. loc: mean over "
         "IoU 0.5/0.7/0.9 of the hit rates (%); cls: % yes; deltas in points vs baseline.",
