@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -198,3 +200,20 @@ def test_restart_shortcuts_equal_the_full_layers(family, request):
     clean.heads[0] = clean.heads[0] + 1.0
     out = run_from_layer(ad, clean, 0, 1, keep_last=3, reuse_attention=True)
     assert (out - clean.logits[:, -3:]).abs().max() > 1e-3
+
+
+def test_product_probability_of_a_long_answer_is_finite_and_its_mf_exact(tiny_llava):
+    """A 35-token answer at log P ~ -3.2 per token: P = e^-112, zero in float32. P and MF against
+    float64 hand computations."""
+    ad, n, vocab = tiny_llava, 35, 50
+    gen = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, vocab, (n + 5,), generator=gen)
+    logits = torch.randn(3, n + 5, vocab, generator=gen) * 0.5
+    p = answer_probability(ad, logits, ids, Target(n, "product")).numpy()
+    logp = torch.log_softmax(logits.double(), -1).numpy()
+    hand = [math.exp(sum(logp[r, -n - 1 + i, int(ids[-n + i])] for i in range(n))) for r in range(3)]
+    assert all(0 < v < 1e-40 for v in hand), "the premise: each P is below float32's range"
+    np.testing.assert_allclose(p, hand, rtol=1e-5)
+    p_src, p_base, p_patched = p[0], p[1], p[2:]
+    mf = mediation_fraction(p_src, p_base, p_patched, 0.0)
+    np.testing.assert_allclose(mf, [(hand[1] - hand[2]) / (hand[1] - hand[0])], rtol=1e-4)

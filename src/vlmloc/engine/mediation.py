@@ -45,7 +45,9 @@ def answer_probability(adapter: VLMAdapter, logits: torch.Tensor, input_ids: tor
     answer = input_ids[-n:].to(logits.device)
     # logits at t predict token t + 1
     lp = logp[:, -n - 1 : -1].gather(-1, answer.view(1, n, 1).expand(logp.shape[0], n, 1)).squeeze(-1)
-    total = lp.sum(-1)
+    # summed and exponentiated in float64: a product over a long answer (35 tokens at log P -3
+    # each is e^-105) is 0 in float32, which would make every such pair's MF undefined
+    total = lp.double().sum(-1)
     return torch.exp(total / n if target.reduce == "geometric_mean" else total)
 
 
