@@ -4,9 +4,12 @@ Strategies (experiment.strategies):
 - object: the object's tokens (any-pixel overlap), padded by p in experiment.pads;
 - register: high-norm tokens: vision-feature (projector input) norm >= factor x the image's
   median token norm (experiment.register.factor);
-- integrated_gradients: the k tokens with the highest attribution of the model's clean answer
-  (per task), k = the object's token count at p = 0;
-- random: k random tokens (same k), seeded per sample.
+- integrated_gradients: the k tokens with the highest attribution (per task), k = the object's
+  token count at p = 0, of f = classification: log P(yes) / (P(yes) + P(no)), the evidence that
+  the object is there, whatever the clean answer; localization: the teacher-forced
+  log-probability of the model's clean box answer;
+- random: k random tokens (same k), seeded per sample, from the tokens covering the image
+  (experiment.random_from).
 Each condition runs on every sample x task; rows record the fraction of visual tokens ablated.
 """
 
@@ -84,7 +87,8 @@ def register_scores(ctx: RunContext, samples: list[Sample]) -> dict[str, np.ndar
 
 
 def ig_scores(ctx: RunContext, samples: list[Sample], tasks: list[str], clean: pd.DataFrame, mean: torch.Tensor) -> dict:
-    """Per (sample, task): IG attribution of the clean answer (yes/no, or the clean box answer)."""
+    """Per (sample, task): IG attribution of log P(yes)/(P(yes)+P(no)) (classification) or of the
+    clean box answer's teacher-forced log-probability (localization)."""
     ig = ctx.cfg.experiment.integrated_gradients
     ad = ctx.adapter
     baseline = mean if str(ig.baseline) == "mean" else None
