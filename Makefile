@@ -35,7 +35,7 @@ fig1:  ## object extension (Fig. 1, 8, 9), e.g. make fig1 MODEL=llava7b DATA=coc
 
 table3: MODEL = demo_internvl
 table3: DATA = synthetic_wide
-table3:  ## view ablation, InternVL only (Table 3, Fig. 10), e.g. make table3 MODEL=internvl8b DATA=coco ARGS="data.root=/data/coco"
+table3:  ## view ablation, InternVL only (Table 3, Fig. 10), e.g. make table3 MODEL=internvl8b DATA=coco_sizes ARGS="data.root=/data/coco"
 	$(PY) -m vlmloc experiment=view_ablation model=$(MODEL) data=$(DATA) $(ARGS)
 
 fig4:  ## causal mediation per head, e.g. make fig4 MODEL=llava7b ARGS="data.pairs_dir=outputs/make_pairs-llava7b-coco data.n=50"

@@ -66,6 +66,20 @@ def test_view_ablation_on_llava_fails_fast_with_a_clear_message(tmp_path, monkey
     va.check_config(compose_cfg("experiment=view_ablation", "model=internvl8b"))  # InternVL passes
 
 
+def test_the_coco_sizes_preset_keeps_the_small_bin_and_coco_warns(caplog):
+    small_edge = compose_cfg("experiment=view_ablation").experiment.size_bins.edges[0]
+    sizes = compose_cfg("experiment=view_ablation", "model=internvl8b", "data=coco_sizes", "data.root=/x")
+    # a 20x20 px object on 640x480 is COCO-small and kept; 0.01 would drop everything below 55x55 px
+    assert sizes.data.filters.min_area_frac <= 20 * 20 / (640 * 480) < small_edge
+    assert sizes.data.annotations == "/x/annotations/instances_valrem.json" and sizes.data.kind == "coco"
+    with caplog.at_level("WARNING"):
+        va.check_config(sizes)
+    assert "will be empty" not in caplog.text
+    with caplog.at_level("WARNING"):
+        va.check_config(compose_cfg("experiment=view_ablation", "model=internvl8b", "data=coco", "data.root=/x"))
+    assert "the 'small' bin will be empty (on COCO use data=coco_sizes" in caplog.text
+
+
 def test_size_bins_default_to_coco_sizes_relative_to_640x480():
     cfg = compose_cfg("experiment=view_ablation", "model=tiny_internvl")
     edges, labels = va.check_bins(cfg.experiment.size_bins.edges, cfg.experiment.size_bins.labels)

@@ -55,6 +55,12 @@ def check_config(cfg: Any) -> None:
             f"view_ablation needs a model with global and local views (InternVL); "
             f"model={cfg.model.name} is {family}"
         )
+    edges = list(cfg.experiment.size_bins.edges)
+    floor = cfg.data.get("filters", {}).get("min_area_frac")
+    if edges and floor is not None and float(floor) >= float(edges[0]):
+        log.warning("data.filters.min_area_frac=%s drops every object below the first size bin edge %s: the %r bin "
+                    "will be empty (on COCO use data=coco_sizes, or lower data.filters.min_area_frac)",
+                    floor, edges[0], str(cfg.experiment.size_bins.labels[0]))
 
 
 def condition_name(view: str) -> str:
