@@ -130,8 +130,8 @@ def test_gt_box_scaling_hand_checked(tiny_llava, tiny_internvl):
     assert ext.grow_box(sq, 2, c, c, 400, 300) == pytest.approx(geometry.scale_box(sq, (50 + 4 * c) / 50, 400, 300))
     # clipped at the image border
     assert ext.grow_box((10.0, 5.0, 50.0, 40.0), 1, c, c, 400, 300) == pytest.approx((0, 0, 66.6667, 56.6667), abs=1e-3)
-    # InternVL: the finest grid is the local canvas (300x500 -> 2x3 crops -> 48 x 32 tokens) ...
-    cols = ext.grid_columns(ext.layout_for_size(tiny_internvl, 300, 500))
+    # InternVL, cell=local: the finest grid is the local canvas (300x500 -> 2x3 crops -> 48 x 32 tokens) ...
+    cols = ext.grid_columns(ext.layout_for_size(tiny_internvl, 300, 500), "local")
     assert cols["grid_view"] == LOCAL and (cols["grid_rows"], cols["grid_cols"]) == (48, 32)
     assert cols["cell_w"] == pytest.approx(300 / 32) and cols["cell_h"] == pytest.approx(500 / 48)
     assert ext.grow_box((100, 200, 200, 300), 2, cols["cell_w"], cols["cell_h"], 300, 500) == pytest.approx(
@@ -209,3 +209,16 @@ def test_extension_end_to_end_tiny_llava(tiny_llava, tmp_path, monkeypatch, caps
     row = next(line for line in (run_dir / ext.MATRIX_FILE).read_text().splitlines() if line.startswith("|   2 | extension:p=2"))
     cells = [c.strip() for c in row.split("|")]
     assert (cells[3], cells[6], cells[7]) == ("4", "100.00", "2")  # n, GT+2, best q
+
+
+def test_the_gt_cell_is_the_global_views_by_default_or_the_local_canvas(tiny_internvl, tiny_llava):
+    """900x300 on InternVL: the thumbnail's cell is 900/16 x 300/16 px; the local canvas's is finer.
+    LLaVA has one grid: S/24 = 37.5 px on the 900x900 padded square, whichever cell is asked for."""
+    lay = ext.layout_for_size(tiny_internvl, 900, 300)
+    glob, loc = ext.grid_columns(lay), ext.grid_columns(lay, "local")
+    assert (glob["grid_view"], glob["cell_w"], glob["cell_h"]) == ("global", 900 / 16, 300 / 16)
+    assert loc["grid_view"] == "local" and loc["cell_w"] < glob["cell_w"] and loc["cell_h"] <= glob["cell_h"]
+    llava = ext.layout_for_size(tiny_llava, 900, 300)
+    assert ext.grid_columns(llava)["cell_w"] == ext.grid_columns(llava, "local")["cell_w"] == 900 / 24
+    with pytest.raises(ValueError, match="experiment.cell"):
+        ext._settings(compose_cfg("experiment=extension", "experiment.cell=thumbnail"))

@@ -13,15 +13,17 @@ clipped to the image.
 The paper's matrix: padding level p x ground-truth box scale -> localization accuracy. Scale
 level q grows the GT box by q token cells on every side and clips it to the image; equivalently
 it scales the box about its centre by (w + 2 q cell_w) / w in x and (h + 2 q cell_h) / h in y.
-The cell is that of the layout's FINEST grid in original-image pixels (LLaVA: its one 24x24 grid,
-S/24 for the padded square; InternVL: the local-crop canvas, W / (n_cols * 16) by
-H / (n_rows * 16), or the single tile when there is no thumbnail). This is our choice (the paper
-does not state its scale factors): it makes q = p the box an ideal "containerising" model would
-answer for the finest view. Accuracy is the paper's metric (mean over IoU thresholds 0.5 / 0.7 /
+The cell (``experiment.cell``) is, in original-image pixels, that of the global view's grid
+("global", the default: LLaVA's one 24x24 grid, S/24 for the padded square; InternVL's thumbnail,
+W/16 by H/16, or the single tile when there is no thumbnail) or of the finest grid ("local":
+InternVL's local-crop canvas, W / (n_cols * 16) by H / (n_rows * 16)). The paper states no
+scale factors; q = p is the box an ideal "containerising" model would answer when its boxes
+come from that view, and Table 3 finds InternVL's localization in the global view, hence the
+default (a thumbnail ring is several local cells wide). Accuracy is the paper's metric (mean over IoU thresholds 0.5 / 0.7 /
 0.9 of the hit rates) of the predicted box against the scaled GT box. The diagonal dominating
 means the predicted box grows with the extension.
 
-Every result row carries ``pad``, the finest grid (``grid_view``, ``grid_x0..grid_y1``,
+Every result row carries ``pad``, the cell's grid (``grid_view``, ``grid_x0..grid_y1``,
 ``grid_rows``, ``grid_cols``) and its cell size (``cell_w``, ``cell_h``) next to ``pred_box`` and
 ``gt_box``, so the matrix and the example figure are rebuilt from the parquet (and the images)
 alone, without the model.
@@ -50,7 +52,7 @@ from vlmloc.data.sample import Sample
 from vlmloc.engine.token_edits import TokenEdit
 from vlmloc.evaluation import BASELINE, IOU_THRESHOLDS, Condition, evaluate
 from vlmloc.models.adapter import VLMAdapter
-from vlmloc.models.layout import VisualLayout
+from vlmloc.models.layout import GLOBAL, VisualLayout
 from vlmloc.results import add_baseline_delta, atomic_write, summarize, to_markdown
 from vlmloc.selection import row_rng
 
@@ -136,9 +138,20 @@ def finest_grid(layout: VisualLayout) -> tuple[str, geometry.TokenGrid]:
     return min(layout.grids.items(), key=cell_area)
 
 
-def grid_columns(layout: VisualLayout) -> dict[str, Any]:
-    """The finest grid and its cell size in original pixels, as result columns."""
-    view, g = finest_grid(layout)
+CELLS = ("global", "local")
+
+
+def cell_grid(layout: VisualLayout, cell: str) -> tuple[str, geometry.TokenGrid]:
+    """(view name, grid) whose cell grows the GT box: "global", the global view's grid (InternVL's
+    thumbnail, or its single tile; LLaVA's one grid), or "local", the finest grid (the local canvas)."""
+    if cell not in CELLS:
+        raise ValueError(f"experiment.cell must be one of {list(CELLS)}, got {cell!r}")
+    return (GLOBAL, layout.grids[GLOBAL]) if cell == "global" else finest_grid(layout)
+
+
+def grid_columns(layout: VisualLayout, cell: str = "global") -> dict[str, Any]:
+    """The grid whose cell grows the GT box (`cell_grid`) and that cell's size in original pixels, as result columns."""
+    view, g = cell_grid(layout, cell)
     return {
         "grid_view": view,
         "grid_x0": float(g.x0),
@@ -321,7 +334,7 @@ def plot_examples(loc: pd.DataFrame, examples: Sequence[Sample], pads: Sequence[
 # --------------------------------------------------------------------------- run
 
 
-def _settings(cfg: Any) -> tuple[list[int], list[int], list[str], int]:
+def _settings(cfg: Any) -> tuple[list[int], list[int], list[str], int, str]:
     exp = cfg.experiment
     pads = [int(p) for p in exp.pads]
     levels = [int(q) for q in exp.scale_levels]
@@ -332,19 +345,21 @@ def _settings(cfg: Any) -> tuple[list[int], list[int], list[str], int]:
         raise ValueError(f"experiment.scale_levels must be distinct integers >= 0, got {levels}")
     if "localization" not in tasks:
         raise ValueError(f"experiment.tasks must include localization (the matrix is built from boxes), got {tasks}")
-    return pads, levels, tasks, int(exp.n_examples)
+    if str(exp.cell) not in CELLS:
+        raise ValueError(f"experiment.cell must be one of {list(CELLS)}, got {exp.cell!r}")
+    return pads, levels, tasks, int(exp.n_examples), str(exp.cell)
 
 
 def run(ctx: RunContext) -> None:
     cfg = ctx.cfg
-    pads, levels, tasks, n_examples = _settings(cfg)
+    pads, levels, tasks, n_examples, cell = _settings(cfg)
     conditions = extension_conditions(int(cfg.seed), pads)
     done = ctx.store.done_keys()
     todo = [s for s in ctx.samples if any((s.sample_id, t, c.name) not in done for t in tasks for c in conditions)]
     if todo:
         log.info("extension p=%s: evaluating %d of %d samples", pads, len(todo), len(ctx.samples))
         df = evaluate(ctx.adapter, todo, tasks, batch_size=int(cfg.batch_size), conditions=conditions, skip=done)
-        geo = {s.sample_id: grid_columns(layout_for_size(ctx.adapter, s.width, s.height)) for s in todo}
+        geo = {s.sample_id: grid_columns(layout_for_size(ctx.adapter, s.width, s.height), cell) for s in todo}
         for col in GRID_COLUMNS:
             df[col] = df["sample_id"].map(lambda sid, col=col: geo[sid][col])
         ctx.store.add(df)
