@@ -66,6 +66,7 @@ def test_each_filter_drops_exactly_the_expected_annotations(tmp_path, caplog):
         samples, report = load_coco(ann, img, FILTERS)
     assert report == [
         {"filter": "input", "kept": 10, "dropped": 0},
+        {"filter": "well_formed", "kept": 10, "dropped": 0},
         {"filter": "categories", "kept": 9, "dropped": 1},  # 51
         {"filter": "no_crowd", "kept": 7, "dropped": 2},  # 31, 42
         {"filter": "single_instance", "kept": 4, "dropped": 3},  # 21, 22, 41
@@ -76,6 +77,40 @@ def test_each_filter_drops_exactly_the_expected_annotations(tmp_path, caplog):
     ]
     assert [s.sample_id for s in samples] == ["1-11"]
     assert "min_box_fill" in caplog.text and "dropped" in caplog.text
+
+
+def test_malformed_annotations_are_counted_by_reason_and_dropped(tmp_path, caplog):
+    data = tiny_coco()
+    good = data["annotations"][0]  # 1-11, kept by every filter
+    bad = [
+        {**good, "id": 61, "bbox": [10, 10, 50]},                        # bbox with 3 numbers
+        {**good, "id": 62, "bbox": "10 10 50 50"},                       # bbox as a string
+        {**good, "id": 63, "area": "2500"},                              # area as a string
+        {**good, "id": 64, "area": -5.0},                                # negative area
+        {**good, "id": 65, "bbox": [10, 10, -50, 50]},                   # negative width
+        {**good, "id": 66, "segmentation": [[10, 10, 60, 10]]},          # a polygon of 2 points
+        {**good, "id": 67, "segmentation": [[10, 10]]},                  # 1 point
+        {**good, "id": 68, "segmentation": [[]]},                        # 0 points
+        {**good, "id": 69, "segmentation": {"counts": "x", "size": [5, 5]}},  # RLE of another size
+    ]
+    for i, a in enumerate(bad):  # each in an image of its own, so single_instance keeps it
+        data["images"].append({"id": 100 + i, "file_name": f"{100 + i}.jpg", "width": 100, "height": 100})
+        a["image_id"] = 100 + i
+    data["annotations"] += bad
+    ann, img = write_coco(tmp_path, data)
+    with caplog.at_level(logging.WARNING, logger="vlmloc.data"):
+        samples, report = load_coco(ann, img, FILTERS)
+    step = report[1]
+    assert step["filter"] == "well_formed" and step["kept"] == 10 and step["dropped"] == 9
+    assert step["reasons"] == {
+        "bbox is not 4 numbers [x, y, w, h]": 2,
+        "area is not a positive number": 2,
+        "bbox width or height <= 0": 1,
+        "a polygon has fewer than 3 points (or odd / non-numeric coordinates)": 3,
+        "RLE segmentation lacks counts or its size is not the image's [height, width]": 1,
+    }
+    assert [s.sample_id for s in samples] == ["1-11"]
+    assert "3 annotation(s) of instances.json dropped: a polygon has fewer than 3 points" in caplog.text
 
 
 def test_disabled_filters_keep_everything_and_sample_fields(tmp_path):

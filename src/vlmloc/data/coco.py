@@ -99,6 +99,14 @@ def load_coco(
     anns = sorted(coco.anns.values(), key=lambda a: (a["image_id"], a["id"]))
     report: list[dict[str, Any]] = []
     _record(report, "input", len(anns), 0)
+    reasons = {a["id"]: _malformed(a, coco.imgs[a["image_id"]]) for a in anns}
+    bad = Counter(r for r in reasons.values() if r is not None)
+    anns = [a for a in anns if reasons[a["id"]] is None]
+    _record(report, "well_formed", len(anns), sum(bad.values()))
+    if bad:
+        report[-1]["reasons"] = dict(sorted(bad.items()))
+        for reason, count in sorted(bad.items()):
+            log.warning("data: %d annotation(s) of %s dropped: %s", count, annotations.name, reason)
     for name, keep in _filter_steps(coco, filt, annotations):
         before = len(anns)
         anns = [a for a in anns if keep(a)]
@@ -207,6 +215,33 @@ def _check_annotation(ann: Any, images: set[int], cats: set[int], seen: set[int]
         )
     if ann["category_id"] not in cats:
         raise DataError(f"{path}: annotation {ann['id']} references unknown category_id {ann['category_id']}")
+
+
+def _number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and np.isfinite(v)
+
+
+def _malformed(ann: dict[str, Any], image: dict[str, Any]) -> str | None:
+    """Why an annotation cannot be queried (None: it can). Such annotations are counted and dropped."""
+    box = ann["bbox"]
+    if not isinstance(box, (list, tuple)) or len(box) != 4 or not all(_number(v) for v in box):
+        return "bbox is not 4 numbers [x, y, w, h]"
+    if box[2] <= 0 or box[3] <= 0:
+        return "bbox width or height <= 0"
+    if "area" in ann and not (_number(ann["area"]) and ann["area"] > 0):
+        return "area is not a positive number"
+    seg = ann["segmentation"]
+    if isinstance(seg, dict):
+        size = seg.get("size")
+        if "counts" not in seg or not isinstance(size, (list, tuple)) or list(size) != [image["height"], image["width"]]:
+            return "RLE segmentation lacks counts or its size is not the image's [height, width]"
+        return None
+    if not isinstance(seg, list) or not seg:
+        return "segmentation is neither polygons nor RLE"
+    for poly in seg:
+        if not isinstance(poly, list) or len(poly) < 6 or len(poly) % 2 or not all(_number(v) for v in poly):
+            return "a polygon has fewer than 3 points (or odd / non-numeric coordinates)"
+    return None
 
 
 def _pos_int(v: Any) -> bool:
