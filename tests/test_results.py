@@ -318,3 +318,18 @@ def test_write_run_json_atomic_and_updates_wall_time(tmp_path, monkeypatch):
     monkeypatch.undo()
     assert json.loads(path.read_text()) == info
     assert sorted(p.name for p in tmp_path.iterdir()) == ["run.json"]
+
+
+def test_a_corrupted_results_file_is_moved_aside_and_its_rows_recomputed(tmp_path, caplog):
+    store = ResultStore(tmp_path)
+    store.add(frame(loc_row("s1", 0.8), cls_row("s2", True)))
+    good = store.path.read_bytes()
+    store.path.write_bytes(good[: len(good) // 2])  # truncated, as by a full disk
+    fresh = ResultStore(tmp_path)
+    with caplog.at_level("WARNING", logger="vlmloc.results"):
+        assert len(fresh.load()) == 0 and fresh.pending([("s1", "localization", "baseline")]) == [("s1", "localization", "baseline")]
+    aside = list(tmp_path.glob("results.parquet.corrupt-*"))
+    assert len(aside) == 1 and aside[0].read_bytes() == good[: len(good) // 2] and not store.path.exists()
+    assert "not a readable parquet file" in caplog.text and "its rows will be recomputed" in caplog.text
+    fresh.add(frame(loc_row("s1", 0.8)))
+    assert len(ResultStore(tmp_path).load()) == 1

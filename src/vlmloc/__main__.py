@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -21,8 +22,16 @@ def config_dir() -> Path:
 
 def _app(cfg: DictConfig) -> None:
     from vlmloc.app import run
+    from vlmloc.errors import VlmlocError
 
-    run(cfg, Path(HydraConfig.get().runtime.output_dir))
+    try:
+        run(cfg, Path(HydraConfig.get().runtime.output_dir))
+    except VlmlocError as err:
+        if os.environ.get("HYDRA_FULL_ERROR") == "1":
+            raise
+        # a user error: one clear line and exit status 2; bugs keep their traceback
+        print(f"vlmloc: error: {err}", file=sys.stderr)
+        sys.exit(2)
 
 
 def main() -> None:

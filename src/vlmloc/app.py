@@ -19,6 +19,7 @@ import torch
 from omegaconf import DictConfig
 
 from vlmloc.data import Sample, load_samples
+from vlmloc.errors import ConfigError, VlmlocError
 from vlmloc.models import VLMAdapter, load_adapter
 from vlmloc.models.loading import check_weights
 from vlmloc.results import ResultStore, provenance, write_run_json
@@ -64,6 +65,10 @@ class RunContext:
     def check_inputs(self) -> None:
         """Fail fast, before any heavy work: data present and well formed, weights findable."""
         log.info("%d samples from data=%s", len(self.samples), self.cfg.data.name)
+        if not self.samples:
+            steps = ", ".join(f"{r['filter']} kept {r['kept']}" for r in self.filter_report)
+            raise ConfigError(f"data={self.cfg.data.name} gives no sample to run on ({steps}): check data.n, "
+                              f"data.filters and the data files")
         if self.cfg.model.path is not None:
             check_weights(self.cfg.model)
 
@@ -93,6 +98,16 @@ class RunContext:
         write_run_json(self.run_dir, info)
 
 
+def check_root_config(cfg: DictConfig) -> None:
+    """The root config's own values, before any data or model work."""
+    bs = cfg.get("batch_size")
+    if isinstance(bs, bool) or not isinstance(bs, int) or bs < 1:
+        raise ConfigError(f"batch_size must be an integer >= 1, got {bs!r}")
+    n = cfg.get("data", {}).get("n")
+    if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 1):
+        raise ConfigError(f"data.n must be an integer >= 1 or null (= every sample), got {n!r}")
+
+
 def run(cfg: DictConfig, run_dir: Path, adapter: VLMAdapter | None = None) -> None:
     """Run `cfg.experiment.name` into `run_dir`, holding its writer lock (`vlmloc.rundir`).
 
@@ -110,8 +125,12 @@ def run(cfg: DictConfig, run_dir: Path, adapter: VLMAdapter | None = None) -> No
         if err.name != f"vlmloc.experiments.{name}":
             raise
         raise ValueError(f"unknown experiment {name!r}: no module vlmloc.experiments.{name}") from None
+    check_root_config(cfg)
     if hasattr(module, "check_config"):  # experiment-specific checks that need neither data nor model
-        module.check_config(cfg)
+        try:
+            module.check_config(cfg)
+        except ValueError as err:  # experiments state bad settings as ValueError: a user error
+            raise err if isinstance(err, VlmlocError) else ConfigError(str(err)) from err
     ctx = RunContext(cfg=cfg, run_dir=Path(run_dir))
     if adapter is not None:
         ctx.__dict__["adapter"] = adapter  # seeds the cached_property

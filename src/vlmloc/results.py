@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import platform
 import socket
@@ -96,6 +97,8 @@ _PANDAS_DTYPES: dict[str, Any] = {
     "p_yes": "float64",
     "correct": "bool",
 }
+
+log = logging.getLogger("vlmloc.results")
 
 RESULTS_FILE = "results.parquet"
 RUN_JSON_FILE = "run.json"
@@ -271,7 +274,17 @@ class ResultStore:
         if sig is None:
             return empty_results()
         if self._cache is None or self._cache[0] != sig:
-            self._cache = (sig, _from_arrow(pq.read_table(self.path)))
+            try:
+                table = pq.read_table(self.path)
+            except (pa.ArrowInvalid, OSError) as err:
+                # e.g. truncated by a full disk: keep it for inspection, recompute its rows
+                aside = self.path.with_name(f"{self.path.name}.corrupt-{time.strftime('%Y%m%d-%H%M%S')}")
+                os.replace(self.path, aside)
+                log.warning("%s is not a readable parquet file (%s): moved to %s; its rows will be recomputed",
+                            self.path, " ".join(str(err).split())[:200], aside.name)
+                self._cache = None
+                return empty_results()
+            self._cache = (sig, _from_arrow(table))
         return self._cache[1].copy()
 
     def done_keys(self) -> set[Key]:

@@ -24,6 +24,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
+from vlmloc.errors import VlmlocError
 from vlmloc.results import atomic_write
 
 log = logging.getLogger("vlmloc")
@@ -34,7 +35,7 @@ LOCK_FILE = "run.lock"
 NOT_IN_FINGERPRINT = ("hydra", "paths", "run_name", "batch_size", "experiment.num_workers")
 
 
-class RunDirectoryError(RuntimeError):
+class RunDirectoryError(VlmlocError, RuntimeError):
     """The run directory holds another configuration's results, or another process is writing it."""
 
 

@@ -27,6 +27,7 @@ from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 
 from vlmloc.data.sample import Sample
+from vlmloc.errors import VlmlocError
 
 log = logging.getLogger("vlmloc.data")
 
@@ -37,7 +38,7 @@ _ANN_META_KEYS = ("source", "source_id")
 _META_PREFIX = "vlmloc_"
 
 
-class DataError(ValueError):
+class DataError(VlmlocError, ValueError):
     """Bad data config or data files; the message says what is wrong and what to do."""
 
 

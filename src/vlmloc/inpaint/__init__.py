@@ -25,12 +25,14 @@ import cv2
 import numpy as np
 from PIL import Image
 
+from vlmloc.errors import VlmlocError
+
 __all__ = ["BACKENDS", "InpaintError", "Inpainter", "build_inpainter", "composite", "dilate_mask"]
 
 BACKENDS = ("opencv", "lama", "oracle")
 
 
-class InpaintError(ValueError):
+class InpaintError(VlmlocError, ValueError):
     """Bad inpainting config, checkpoint or input; the message says what to do."""
 
 

@@ -14,7 +14,9 @@ from typing import Any
 import torch
 from omegaconf import DictConfig
 
+from vlmloc.assets import ASSETS_DIR
 from vlmloc.compat import warn_if_untested
+from vlmloc.errors import VlmlocError
 from vlmloc.models.adapter import VLMAdapter
 from vlmloc.models.internvl import InternVLAdapter
 from vlmloc.models.llava import LlavaAdapter
@@ -28,7 +30,7 @@ _WEIGHT_GLOBS = ("*.safetensors", "*.bin", "*.safetensors.index.json", "*.bin.in
 _TINY_WORDS = ("cat", "person", "cup", "rocket", "dog", "car", "circle", "square", "triangle", "star")
 
 
-class ModelLoadError(RuntimeError):
+class ModelLoadError(VlmlocError, RuntimeError):
     """The configured weights cannot be found or do not match the configured family."""
 
 
@@ -60,6 +62,10 @@ def check_weights(cfg: DictConfig) -> None:
         f"Download it once where a network is available, e.g. `hf download {repo} --local-dir /models/{cfg.name}`, "
         f"then run with model.path=/models/{cfg.name}"
     )
+    if is_local and local.resolve().parent == ASSETS_DIR:
+        # a demo model ships inside the package: there is nothing to download
+        how = (f"model={cfg.name} is a demo model that ships inside vlmloc under {ASSETS_DIR}; the installed package "
+               f"lacks it: reinstall vlmloc (pip install -e . in a clone), or retrain it: make train-demo MODEL={cfg.name}")
     if is_local:
         if not local.is_dir():
             raise ModelLoadError(f"model.path={path} is not a folder. {how}")
