@@ -200,7 +200,7 @@ def test_extension_end_to_end_tiny_llava(tiny_llava, tmp_path, monkeypatch, caps
     stored["pred_box"] = [list(ext.grow_box(r.gt_box, r.pad, r.cell_w, r.cell_h, r.width, r.height))
                           for r in stored.itertuples()]
     store.add(stored)
-    monkeypatch.setattr(ext, "evaluate", lambda *a, **k: pytest.fail("a finished run must do no new work"))
+    monkeypatch.setattr(app, "evaluate", lambda *a, **k: pytest.fail("a finished run must do no new work"))
     (run_dir / ext.EXAMPLES_FIG).unlink()
     app.run(cfg, run_dir)
     m = ext.extension_matrix(pd.read_parquet(run_dir / "results.parquet"), [0, 1, 2]).set_index("pad")

@@ -91,10 +91,19 @@ def _frames(run_dir: Path) -> dict[str, pd.DataFrame]:
     return frames
 
 
+# Columns that identify a row in the project's parquet files (results, mf, manifest, probes).
+ROW_KEYS = ("sample_id", "task", "condition", "layer", "head", "positions", "stage", "target", "view", "row", "col")
+
+
 def assert_frames_match(got: pd.DataFrame, want: pd.DataFrame, where: str) -> None:
-    """Same columns and rows; floats within 1e-4 (absolute) or 1e-3 (relative), the rest exact."""
+    """Same columns and rows (in key order: row order in a file depends on batching and resumes);
+    floats within 1e-4 (absolute) or 1e-3 (relative), the rest exact."""
     assert list(got.columns) == list(want.columns), where
     assert len(got) == len(want), where
+    keys = [c for c in ROW_KEYS if c in want.columns]
+    if keys:
+        got = got.sort_values(keys, kind="stable").reset_index(drop=True)
+        want = want.sort_values(keys, kind="stable").reset_index(drop=True)
     for col in want.columns:
         g, w = got[col].to_numpy(), want[col].to_numpy()
         if want[col].dtype.kind == "f":

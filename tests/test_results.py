@@ -320,6 +320,17 @@ def test_write_run_json_atomic_and_updates_wall_time(tmp_path, monkeypatch):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["run.json"]
 
 
+def test_run_json_sums_the_wall_time_of_every_session(tmp_path):
+    first = _provenance(time.time() - 100)  # a session that ran ~100 s, then was killed
+    write_run_json(tmp_path, first)
+    write_run_json(tmp_path, first)  # the same session writing again is not a second session
+    second = _provenance(time.time() - 30)  # the resumed session
+    info = json.loads(write_run_json(tmp_path, second).read_text())
+    assert [round(s["wall_time_s"]) for s in info["sessions"]] == [100, 30]
+    assert info["wall_time_total_s"] == pytest.approx(sum(s["wall_time_s"] for s in info["sessions"]))
+    assert 129 <= info["wall_time_total_s"] <= 132 and 29 <= info["wall_time_s"] <= 32
+
+
 def test_a_corrupted_results_file_is_moved_aside_and_its_rows_recomputed(tmp_path, caplog):
     store = ResultStore(tmp_path)
     store.add(frame(loc_row("s1", 0.8), cls_row("s2", True)))

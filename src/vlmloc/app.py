@@ -9,21 +9,24 @@ import importlib
 import logging
 import random
 import time
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pandas as pd
 import torch
 from omegaconf import DictConfig
 
 from vlmloc.data import Sample, load_samples
+from vlmloc.evaluation import BASELINE, Condition, evaluate
 from vlmloc.errors import ConfigError, VlmlocError
 from vlmloc.models import VLMAdapter, load_adapter
 from vlmloc.models.loading import check_weights
 from vlmloc.results import ResultStore, provenance, write_run_json
-from vlmloc.rundir import check_run_config, writer_lock
+from vlmloc.rundir import check_run_config, remove_leftovers, writer_lock
 
 log = logging.getLogger("vlmloc")
 
@@ -61,6 +64,23 @@ class RunContext:
     @cached_property
     def adapter(self) -> VLMAdapter:
         return load_adapter(self.cfg.model)
+
+    def evaluate(
+        self,
+        samples: Sequence[Sample],
+        tasks: Sequence[str],
+        *,
+        conditions: Sequence[Condition] = (BASELINE,),
+        skip: Collection[tuple[str, str, str]] = frozenset(),
+        columns: Callable[[pd.DataFrame], pd.DataFrame] | None = None,
+    ) -> pd.DataFrame:
+        """`evaluation.evaluate` on this run's model, its rows stored as they are computed (at least
+        every `results.flush_seconds`), after `columns` adds any experiment-specific columns."""
+        extra = columns or (lambda df: df)
+        sink = lambda df: self.store.add(extra(df))  # noqa: E731
+        df = evaluate(self.adapter, samples, tasks, batch_size=int(self.cfg.batch_size), conditions=conditions,
+                      skip=skip, sink=sink, flush_seconds=float(self.cfg.results.flush_seconds))
+        return extra(df) if len(df) else df
 
     def check_inputs(self) -> None:
         """Fail fast, before any heavy work: data present and well formed, weights findable."""
@@ -136,6 +156,7 @@ def run(cfg: DictConfig, run_dir: Path, adapter: VLMAdapter | None = None) -> No
         ctx.__dict__["adapter"] = adapter  # seeds the cached_property
     ctx.run_dir.mkdir(parents=True, exist_ok=True)
     with writer_lock(ctx.run_dir):
+        remove_leftovers(ctx.run_dir)
         # a changed config is refused, except by experiments that key their own rows by it
         check_run_config(ctx.run_dir, cfg, refuse_changes=not getattr(module, "RECOMPUTES_CHANGED_CONFIG", False))
         # experiments with their own data (image folders) check their inputs themselves

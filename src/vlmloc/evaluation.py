@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import math
 import re
+import time
 from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -115,8 +116,14 @@ def evaluate(
     conditions: Sequence[Condition] = (BASELINE,),
     skip: Collection[tuple[str, str, str]] = frozenset(),
     progress: bool = True,
+    sink: Callable[[pd.DataFrame], Any] | None = None,
+    flush_seconds: float = 0.0,
 ) -> pd.DataFrame:
     """One row per sample x task x condition (results schema), minus keys in `skip`.
+
+    sink: called with the rows finished since its last call, at least every `flush_seconds`
+    (0 = after every batch) and when a task ends, so a killed run keeps what it computed
+    (`ResultStore.add` as the sink). The return value holds every row either way.
 
     Rows of different conditions share batches: one forward pass carries many conditions.
     Row order: task, then sample, then condition, as given. Extra columns: n_visual, n_edited,
@@ -133,6 +140,8 @@ def evaluate(
         if not items:
             continue
         rows: dict[int, dict[str, Any]] = {}
+        unsent: list[int] = []
+        last_flush = time.monotonic()
         order = length_order(adapter, items, task)
         bar = tqdm(total=len(order), desc=task, disable=not progress, leave=False)
         for idx in _batches(order, batch_size):
@@ -159,7 +168,13 @@ def evaluate(
                     **dict(cond.columns),
                 }
             bar.update(len(idx))
+            unsent += list(idx)
+            if sink is not None and time.monotonic() - last_flush >= flush_seconds:
+                sink(pd.DataFrame([rows[i] for i in sorted(unsent)]))
+                unsent, last_flush = [], time.monotonic()
         bar.close()
+        if sink is not None and unsent:
+            sink(pd.DataFrame([rows[i] for i in sorted(unsent)]))
         frames.append(pd.DataFrame([rows[i] for i in range(len(items))]))
     return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
 

@@ -443,13 +443,25 @@ def write_run_json(run_dir: str | os.PathLike, info: Mapping[str, Any]) -> Path:
     """Atomically write `info` to run_dir/run.json.
 
     If `info` has `started_unix` (as `provenance` gives), `wall_time_s` and `end_time` are set
-    to now, so writing the same dict again at the end of a run records its full duration.
+    to now, so writing the same dict again at the end of a run records its full duration. A run
+    resumed over several sessions (killed, rerun) lists each in `sessions` (start, end, wall
+    time, read back from the run.json already there) and sums them in `wall_time_total_s`.
     """
     info = dict(info)
     if info.get("started_unix") is not None:
         now = time.time()
-        info["wall_time_s"] = now - float(info["started_unix"])
+        started = float(info["started_unix"])
+        info["wall_time_s"] = now - started
         info["end_time"] = _iso(now)
+        try:
+            before = json.loads((Path(run_dir) / RUN_JSON_FILE).read_text()).get("sessions", [])
+        except (OSError, ValueError, AttributeError):
+            before = []
+        sessions = [s for s in before if isinstance(s, dict) and s.get("started_unix") != started]
+        sessions.append({"started_unix": started, "start_time": _iso(started), "end_time": info["end_time"],
+                         "wall_time_s": info["wall_time_s"]})
+        info["sessions"] = sessions
+        info["wall_time_total_s"] = sum(float(s.get("wall_time_s", 0.0)) for s in sessions)
     text = json.dumps(info, indent=2, sort_keys=False, default=str) + "\n"
     return atomic_write(Path(run_dir) / RUN_JSON_FILE, lambda f: f.write(text.encode("utf-8")))
 

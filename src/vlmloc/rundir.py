@@ -4,7 +4,7 @@
   composed config, unresolved (so `${...}` paths and the packaged demo models' location stay
   symbolic), without the keys in `NOT_IN_FINGERPRINT` (where files go, batch size, loader
   workers, Hydra's own settings: batched rows equal single rows, so resuming with another batch
-  size is safe). A rerun into a directory that holds results of another configuration is refused
+  size is safe; `results` only says how often rows are written). A rerun into a directory that holds results of another configuration is refused
   before any data or model is loaded, naming each changed key.
 - `run.lock` holds the writer's pid and host while a run writes. A second writer is refused
   with both named; a lock left by a process that is gone (same host) is taken over.
@@ -32,7 +32,7 @@ log = logging.getLogger("vlmloc")
 CONFIG_FILE = "config.json"
 LOCK_FILE = "run.lock"
 # Top-level keys, or dotted paths, that never change a run's numbers.
-NOT_IN_FINGERPRINT = ("hydra", "paths", "run_name", "batch_size", "experiment.num_workers")
+NOT_IN_FINGERPRINT = ("hydra", "paths", "run_name", "batch_size", "results", "experiment.num_workers")
 
 
 class RunDirectoryError(VlmlocError, RuntimeError):
@@ -93,6 +93,18 @@ def check_run_config(run_dir: Path, cfg: DictConfig, *, refuse_changes: bool = T
                     run_dir, CONFIG_FILE)
     text = json.dumps(current, indent=2, sort_keys=True) + "\n"
     atomic_write(path, lambda f: f.write(text.encode("utf-8")))
+
+
+def remove_leftovers(run_dir: Path) -> list[str]:
+    """Delete temp files of atomic writes a killed run left behind (`.<name>.<random>.tmp`): the
+    file they were replacing is intact, so they hold nothing that is not recomputed."""
+    gone = []
+    for tmp in sorted(run_dir.glob(".*.tmp")):
+        tmp.unlink(missing_ok=True)
+        gone.append(tmp.name)
+    if gone:
+        log.warning("%s: removed %d unfinished write(s) of an interrupted run: %s", run_dir, len(gone), ", ".join(gone))
+    return gone
 
 
 def _alive(pid: int) -> bool:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 
 from vlmloc.app import RunContext
-from vlmloc.evaluation import BASELINE, evaluate
+from vlmloc.evaluation import BASELINE
 from vlmloc.results import add_baseline_delta, summarize, to_markdown
 
 log = logging.getLogger("vlmloc.experiments.baseline")
@@ -19,8 +19,7 @@ def run(ctx: RunContext) -> None:
     todo = [s for s in ctx.samples if any((s.sample_id, t, CONDITION) not in done for t in tasks)]
     if todo:
         log.info("evaluating %d of %d samples (%d already done)", len(todo), len(ctx.samples), len(ctx.samples) - len(todo))
-        df = evaluate(ctx.adapter, todo, tasks, batch_size=int(cfg.batch_size), skip=done)
-        ctx.store.add(df)
+        ctx.evaluate(todo, tasks, skip=done)
         ctx.write_provenance()
     else:
         log.info("all %d samples already evaluated in %s: nothing to do", len(ctx.samples), ctx.run_dir)

@@ -50,7 +50,7 @@ from vlmloc import geometry
 from vlmloc.app import RunContext
 from vlmloc.data.sample import Sample
 from vlmloc.engine.token_edits import TokenEdit
-from vlmloc.evaluation import BASELINE, IOU_THRESHOLDS, Condition, evaluate
+from vlmloc.evaluation import BASELINE, IOU_THRESHOLDS, Condition
 from vlmloc.models.adapter import VLMAdapter
 from vlmloc.models.layout import GLOBAL, VisualLayout
 from vlmloc.results import add_baseline_delta, atomic_write, summarize, to_markdown
@@ -358,11 +358,14 @@ def run(ctx: RunContext) -> None:
     todo = [s for s in ctx.samples if any((s.sample_id, t, c.name) not in done for t in tasks for c in conditions)]
     if todo:
         log.info("extension p=%s: evaluating %d of %d samples", pads, len(todo), len(ctx.samples))
-        df = evaluate(ctx.adapter, todo, tasks, batch_size=int(cfg.batch_size), conditions=conditions, skip=done)
         geo = {s.sample_id: grid_columns(layout_for_size(ctx.adapter, s.width, s.height), cell) for s in todo}
-        for col in GRID_COLUMNS:
-            df[col] = df["sample_id"].map(lambda sid, col=col: geo[sid][col])
-        ctx.store.add(df)
+
+        def grid_columns_of(df):
+            for col in GRID_COLUMNS:
+                df[col] = df["sample_id"].map(lambda sid, col=col: geo[sid][col])
+            return df
+
+        ctx.evaluate(todo, tasks, conditions=conditions, skip=done, columns=grid_columns_of)
         ctx.write_provenance()
     else:
         log.info("all %d samples already evaluated in %s: nothing to do", len(ctx.samples), ctx.run_dir)

@@ -48,7 +48,7 @@ from vlmloc.app import RunContext
 from vlmloc.data.sample import Sample
 from vlmloc.engine.head_means import HeadMeans, head_means
 from vlmloc.engine.heads import HeadEdit, head_slice
-from vlmloc.evaluation import BASELINE, Condition, evaluate
+from vlmloc.evaluation import BASELINE, Condition
 from vlmloc.models.adapter import VLMAdapter
 from vlmloc.models.layout import VisualLayout
 from vlmloc.experiments.cma import MF_STATISTICS, mf_per_head
@@ -343,8 +343,7 @@ def run(ctx: RunContext) -> None:
         conditions = build_conditions(plan, HeadAblation(ad, st.ablation, means), seed=int(cfg.seed))
         assert [c.name for c in conditions] == names, "Plan.names out of sync with build_conditions"
         log.info("head ablation: %d conditions on %d of %d samples", len(names), len(todo), len(ctx.samples))
-        df = evaluate(ad, todo, list(st.tasks), batch_size=int(cfg.batch_size), conditions=conditions, skip=done)
-        ctx.store.add(df)
+        ctx.evaluate(todo, list(st.tasks), conditions=conditions, skip=done)
         ctx.write_provenance(
             head_ablation={
                 "cma_dir": str(st.cma_dir),

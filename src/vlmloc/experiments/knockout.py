@@ -35,7 +35,7 @@ import pandas as pd
 from vlmloc.app import RunContext
 from vlmloc.data.sample import Sample
 from vlmloc.engine.knockout import Knockout, post_image_queries
-from vlmloc.evaluation import BASELINE, Condition, evaluate, max_new_tokens
+from vlmloc.evaluation import BASELINE, Condition, max_new_tokens
 from vlmloc.models.layout import VisualLayout
 from vlmloc.experiments.reporting import task_columns
 from vlmloc.results import add_baseline_delta, atomic_write, summarize, to_markdown
@@ -207,8 +207,7 @@ def run(ctx: RunContext) -> None:
         conditions = build_conditions(n_layers, st, seed=int(cfg.seed), new_tokens=new_tokens)
         assert [c.name for c in conditions] == names, "condition_names out of sync with build_conditions"
         log.info("knockout: %d conditions x %d tasks on %d of %d samples", len(names), len(st.tasks), len(todo), len(ctx.samples))
-        df = evaluate(ad, todo, list(st.tasks), batch_size=int(cfg.batch_size), conditions=conditions, skip=done)
-        ctx.store.add(df)
+        ctx.evaluate(todo, list(st.tasks), conditions=conditions, skip=done)
         ctx.write_provenance()
     else:
         log.info("all conditions already evaluated in %s: nothing to do", ctx.run_dir)

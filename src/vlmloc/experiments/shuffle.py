@@ -13,10 +13,10 @@ import numpy as np
 from vlmloc.app import RunContext
 from vlmloc.data.sample import Sample
 from vlmloc.engine.token_edits import TokenEdit
-from vlmloc.evaluation import BASELINE, Condition, evaluate
+from vlmloc.evaluation import BASELINE, Condition
 from vlmloc.experiments.reporting import paper_table, write_summary
 from vlmloc.models.layout import VisualLayout
-from vlmloc.selection import object_positions, row_rng
+from vlmloc.selection import row_rng
 
 log = logging.getLogger("vlmloc.experiments.shuffle")
 
@@ -51,10 +51,9 @@ def run(ctx: RunContext) -> None:
     within = str(cfg.experiment.within)
     conditions = [BASELINE] + [shuffle_condition(str(s), int(cfg.seed), within) for s in cfg.experiment.scopes]
     done = ctx.store.done_keys()
-    df = evaluate(ctx.adapter, ctx.samples, list(cfg.tasks), batch_size=int(cfg.batch_size), conditions=conditions, skip=done) \
+    df = ctx.evaluate(ctx.samples, list(cfg.tasks), conditions=conditions, skip=done) \
         if any((s.sample_id, t, c.name) not in done for s in ctx.samples for t in cfg.tasks for c in conditions) else None
     if df is not None and len(df):
-        ctx.store.add(df)
         ctx.write_provenance()
     else:
         log.info("all conditions already evaluated in %s: nothing to do", ctx.run_dir)

@@ -28,7 +28,7 @@ from vlmloc.engine.attribution import integrated_gradients
 from vlmloc.engine.mean_embedding import mean_visual_embedding
 from vlmloc.engine.token_edits import TokenEdit
 from vlmloc.engine.visual_features import iter_unique_images, projector_io
-from vlmloc.evaluation import BASELINE, Condition, evaluate
+from vlmloc.evaluation import BASELINE, Condition
 from vlmloc.experiments.reporting import paper_table, write_summary
 from vlmloc.models.layout import VisualLayout
 from vlmloc.selection import RANDOM_FROM, object_positions, random_positions, row_rng, top_k_positions
@@ -151,7 +151,6 @@ def condition_names(exp) -> list[str]:
 def run(ctx: RunContext) -> None:
     cfg = ctx.cfg
     tasks = list(cfg.tasks)
-    bs = int(cfg.batch_size)
     names = condition_names(cfg.experiment)
     done = ctx.store.done_keys()
     if all((s.sample_id, t, c) in done for s in ctx.samples for t in tasks for c in names):
@@ -160,18 +159,14 @@ def run(ctx: RunContext) -> None:
         write_summary(ctx, results, paper_table(results, names), "table1_token_ablation.md")
         return
     # The clean run comes first: integrated gradients attribute its answers.
-    clean_new = evaluate(ctx.adapter, ctx.samples, tasks, batch_size=bs, skip=done)
-    if len(clean_new):
-        ctx.store.add(clean_new)
+    clean_new = ctx.evaluate(ctx.samples, tasks, skip=done)
     clean = ctx.store.load()
     clean = clean[clean["condition"] == BASELINE.name]
     mean = mean_visual_embedding(ctx)
     conditions = build_conditions(ctx, mean, clean)
     assert [c.name for c in conditions] == names, "condition_names out of sync with build_conditions"
     done = ctx.store.done_keys()
-    df = evaluate(ctx.adapter, ctx.samples, tasks, batch_size=bs, conditions=conditions[1:], skip=done)
-    if len(df):
-        ctx.store.add(df)
+    df = ctx.evaluate(ctx.samples, tasks, conditions=conditions[1:], skip=done)
     if len(df) or len(clean_new):
         ctx.write_provenance()
     results = ctx.store.load()

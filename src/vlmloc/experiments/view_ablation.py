@@ -33,7 +33,7 @@ import torch
 from vlmloc.app import RunContext
 from vlmloc.data.sample import Sample
 from vlmloc.engine.token_edits import TokenEdit
-from vlmloc.evaluation import BASELINE, Condition, evaluate
+from vlmloc.evaluation import BASELINE, Condition
 from vlmloc.experiments.extension import layout_for_size
 from vlmloc.models.layout import GLOBAL, LOCAL, VisualLayout
 from vlmloc.results import add_baseline_delta, atomic_write, summarize, to_markdown
@@ -257,12 +257,15 @@ def run(ctx: RunContext) -> None:
         log.info("view ablation %s: evaluating %d of %d samples", views, len(todo), len(ctx.samples))
         mean = load_mean_embedding(ctx)
         conditions = view_conditions(mean, views)
-        df = evaluate(ctx.adapter, todo, tasks, batch_size=int(cfg.batch_size), conditions=conditions, skip=done)
         tiles = {s.sample_id: layout_for_size(ctx.adapter, s.width, s.height).n_tiles for s in todo}
-        df["n_tiles"] = df["sample_id"].map(tiles).astype("int64")
-        df["has_thumbnail"] = df["n_tiles"] > 1
-        df["size_bin"] = size_bins(df["area_frac"], edges, labels)
-        ctx.store.add(df)
+
+        def view_columns(df):
+            df["n_tiles"] = df["sample_id"].map(tiles).astype("int64")
+            df["has_thumbnail"] = df["n_tiles"] > 1
+            df["size_bin"] = size_bins(df["area_frac"], edges, labels)
+            return df
+
+        ctx.evaluate(todo, tasks, conditions=conditions, skip=done, columns=view_columns)
         ctx.write_provenance(mean_embedding={"norm": float(mean.float().norm()), "hidden": int(mean.shape[0])})
     else:
         log.info("all samples already evaluated in %s: nothing to do", ctx.run_dir)
