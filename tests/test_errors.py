@@ -61,3 +61,11 @@ def test_cma_on_a_pairs_run_that_kept_no_pair_is_refused(tmp_path, monkeypatch):
     cfg = compose_cfg("experiment=cma", "model=tiny_llava", "data=pairs", f"data.pairs_dir={pairs_dir}")
     with pytest.raises(ConfigError, match="data=pairs gives no sample to run on"):
         app.run(cfg, tmp_path / "run")
+
+
+def test_the_log_is_named_after_the_run_and_records_each_phase(tmp_path):
+    out = _cli("experiment=baseline", "model=tiny_llava", "data=synthetic", "data.n=2", "data.synthetic.n_images=2",
+               "model.localization.max_new_tokens=4", cwd=tmp_path)
+    assert out.returncode == 0, out.stderr[-2000:]
+    log = (tmp_path / "out" / "baseline-tiny_llava-synthetic" / "baseline-tiny_llava-synthetic.log").read_text()
+    assert "classification: 2 rows (1 conditions) in" in log and "localization: 2 rows (1 conditions) in" in log

@@ -15,6 +15,7 @@ edits (see `Condition`).
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
 import re
 import time
@@ -34,6 +35,7 @@ from vlmloc.engine.token_edits import TokenEdit, edit_lm_input
 from vlmloc.models.adapter import PreparedBatch, VLMAdapter
 from vlmloc.models.layout import VisualLayout
 
+log = logging.getLogger("vlmloc.evaluation")
 IOU_THRESHOLDS = (0.5, 0.7, 0.9)
 # Per-row interventions of one condition, from (sample, layout of its row, task[, seq_len]).
 # seq_len: the padded prompt length of the row's batch, i.e. the absolute position of the first
@@ -141,7 +143,7 @@ def evaluate(
             continue
         rows: dict[int, dict[str, Any]] = {}
         unsent: list[int] = []
-        last_flush = time.monotonic()
+        last_flush = t0 = time.monotonic()
         order = length_order(adapter, items, task)
         bar = tqdm(total=len(order), desc=task, disable=not progress, leave=False)
         for idx in _batches(order, batch_size):
@@ -173,6 +175,8 @@ def evaluate(
                 sink(pd.DataFrame([rows[i] for i in sorted(unsent)]))
                 unsent, last_flush = [], time.monotonic()
         bar.close()
+        log.info("%s: %d rows (%d conditions) in %.1f s", task, len(items), len({c.name for _, c in items}),
+                 time.monotonic() - t0)
         if sink is not None and unsent:
             sink(pd.DataFrame([rows[i] for i in sorted(unsent)]))
         frames.append(pd.DataFrame([rows[i] for i in range(len(items))]))

@@ -16,11 +16,13 @@ Each condition runs on every sample x task; rows record the fraction of visual t
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable
 
 import numpy as np
 import pandas as pd
 import torch
+from tqdm.auto import tqdm
 
 from vlmloc.app import RunContext
 from vlmloc.data.sample import Sample
@@ -77,12 +79,14 @@ def scored_condition(name: str, scores: dict, mean: torch.Tensor, *, per_task: b
 
 def register_scores(ctx: RunContext, samples: list[Sample]) -> dict[str, np.ndarray]:
     """Per sample: [n_visual] L2 norm of each token's vision features (the projector input)."""
-    ad, out = ctx.adapter, {}
-    for chunk in iter_unique_images(samples, int(ctx.cfg.batch_size)):
+    ad, out, t0 = ctx.adapter, {}, time.monotonic()
+    chunks = list(iter_unique_images(samples, int(ctx.cfg.batch_size)))
+    for chunk in tqdm(chunks, desc="register scores", disable=not chunks):
         batch = ad.prepare([s.load_image() for s in chunk], [ad.prompt("classification", s.category) for s in chunk])
         ins, _ = projector_io(ad, batch)
         for s, feats in zip(chunk, ins):
             out[s.image_id] = feats.norm(dim=-1).numpy()
+    log.info("register scores: %d images in %.1f s", len(out), time.monotonic() - t0)
     return {s.sample_id: out[s.image_id] for s in samples}
 
 
@@ -93,8 +97,8 @@ def ig_scores(ctx: RunContext, samples: list[Sample], tasks: list[str], clean: p
     ad = ctx.adapter
     baseline = mean if str(ig.baseline) == "mean" else None
     answers = clean.set_index(["sample_id", "task"])["answer"]
-    out = {}
-    for s in samples:
+    out, t0 = {}, time.monotonic()
+    for s in tqdm(samples, desc=f"integrated gradients ({int(ig.steps)} steps)", disable=not samples):
         image = s.load_image()
         for task in tasks:
             answer = None
@@ -109,6 +113,7 @@ def ig_scores(ctx: RunContext, samples: list[Sample], tasks: list[str], clean: p
                 steps=int(ig.steps), batch_size=int(ig.batch_size),
             )
             out[(s.sample_id, task)] = np.abs(attr) if str(ig.rank_by) == "abs" else attr
+    log.info("integrated gradients: %d samples x %d tasks in %.1f s", len(samples), len(tasks), time.monotonic() - t0)
     return out
 
 
