@@ -10,7 +10,8 @@ commit):
 
 Rerecorded since: head_ablation-demo_llava (random head sets nested across k), knockout-demo_llava
 (random keys from the image area), cma-demo_llava (source IoU column, dropped-pairs line; median and
-pooled MF columns), head_ablation-demo_llava (median and pooled MF columns).
+pooled MF columns), head_ablation-demo_llava (median and pooled MF columns; head means by position
+role, generated tokens taking the text positions' mean).
 """
 
 from __future__ import annotations

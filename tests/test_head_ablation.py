@@ -67,25 +67,42 @@ def tiny_mf(n_layers: int = 2, n_heads: int = 4) -> pd.DataFrame:
     return pd.concat([mf_frame(values), mf_frame({k: [-1.0] for k in values}, positions="text")], ignore_index=True)
 
 
-def test_head_means_are_right_aligned(tiny_llava, two_samples):
+def test_head_means_average_positions_of_the_same_role(tiny_llava, two_samples):
+    """Hand computation from each prompt's own run: the chat prefix aligned on the image start,
+    the 576 visual tokens one by one, the text after the image aligned on the sequence end;
+    generated tokens take the mean of the text positions (or of every prompt position)."""
     ad = tiny_llava
-    alone = []
+    runs = []
     for s in two_samples:
         batch = ad.prepare([s.load_image()], [ad.prompt(TASK, s.category)])
-        alone.append(capture_heads(ad, batch.inputs))
-    short, long = (alone[0][1][0], alone[1][1][0])  # layer 1, [T_i, H*D]
-    assert long.shape[0] > short.shape[0]
+        lay = batch.layouts[0]
+        x = capture_heads(ad, batch.inputs)[1][0].float()  # layer 1, [T_i, H*D]
+        img0, img1 = int(lay.positions.min()), int(lay.positions.max()) + 1
+        runs.append({"prefix": x[:img0], "image": x[img0:img1], "text": x[img1:], "all": x})
+    short, long = runs
+    assert len(long["text"]) > len(short["text"]) and len(short["prefix"]) == len(long["prefix"])
     for bs in (1, 2):
-        means = head_means(ad, two_samples, TASK, 2, batch_size=bs)
-        per, overall = means
-        assert per.shape == (ad.n_layers, long.shape[0], ad.n_heads * ad.head_dim)
-        torch.testing.assert_close(per[1, -1], (short[-1] + long[-1]) / 2, atol=1e-5, rtol=1e-5)
-        torch.testing.assert_close(per[1, -short.shape[0]:], (short + long[-short.shape[0]:]) / 2, atol=1e-5, rtol=1e-5)
-        torch.testing.assert_close(per[1, 0], long[0], atol=1e-5, rtol=1e-5)  # only the longer prompt reaches here
-        torch.testing.assert_close(overall[1], torch.cat([short, long]).mean(0), atol=1e-5, rtol=1e-5)
-    value, tail = means.row_value(1, long.shape[0] + 3)  # longer than every reference prompt: overall in front
-    assert torch.equal(value[:3], overall[1].expand(3, -1)) and torch.equal(value[3:], per[1]) and torch.equal(tail, overall[1])
-    assert means.row_value(0, 5)[0].shape == (5, ad.n_heads * ad.head_dim)
+        m = head_means(ad, two_samples, TASK, 2, batch_size=bs)
+        close = lambda a, b: torch.testing.assert_close(a.float(), b, atol=1e-5, rtol=1e-5)  # noqa: E731
+        close(m.image[1][:576], (short["image"] + long["image"]) / 2)  # LLaVA: key = token index
+        close(m.prefix[1][: len(short["prefix"])].flip(0), (short["prefix"] + long["prefix"]) / 2)
+        n = len(short["text"])
+        close(m.text[1][:n].flip(0), (short["text"] + long["text"][-n:]) / 2)
+        close(m.text[1][len(long["text"]) - 1], long["text"][0])  # only the longer text reaches here
+        close(m.tail[1], torch.cat([short["text"], long["text"]]).mean(0))
+    prompt_tail = head_means(ad, two_samples, TASK, 2, answer_mean="prompt").tail[1]
+    torch.testing.assert_close(prompt_tail.float(), torch.cat([short["all"], long["all"]]).mean(0), atol=1e-5, rtol=1e-5)
+    # a left-padded row of a batch of both: each position takes its role's mean
+    batch = ad.prepare([s.load_image() for s in two_samples], [ad.prompt(TASK, s.category) for s in two_samples])
+    lay = batch.layouts[0]
+    value, tail = m.row_value(1, lay, batch.seq_len)
+    img0, img1 = int(lay.positions.min()), int(lay.positions.max()) + 1
+    torch.testing.assert_close(value[img0:img1].float(), (short["image"] + long["image"]) / 2, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(value[-1].float(), (short["text"][-1] + long["text"][-1]) / 2, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(value[img0 - 1].float(), (short["prefix"][-1] + long["prefix"][-1]) / 2, atol=1e-5, rtol=1e-5)
+    assert torch.equal(tail, m.tail[1])
+    with pytest.raises(ValueError, match="answer_mean"):
+        head_means(ad, two_samples, TASK, 2, answer_mean="all")
 
 
 def test_mean_ablation_with_a_one_sample_mean_reproduces_that_run(tiny_llava, two_samples):
@@ -95,15 +112,16 @@ def test_mean_ablation_with_a_one_sample_mean_reproduces_that_run(tiny_llava, tw
     own = HeadAblation(ad, "mean", {TASK: head_means(ad, [s1], TASK, 1)})
     single = ad.prepare([s1.load_image()], [ad.prompt(TASK, s1.category)])
     clean = _logits(ad, single)
-    assert torch.equal(_logits(ad, single, [own.edits(heads, TASK, single.seq_len)]), clean)
+    lay = single.layouts[0]
+    assert torch.equal(_logits(ad, single, [own.edits(heads, TASK, lay, single.seq_len)]), clean)
     # another sample's mean, or zero, changes the run: the check above can fail
     other = HeadAblation(ad, "mean", {TASK: head_means(ad, [s2], TASK, 1)})
-    assert (_logits(ad, single, [other.edits(heads, TASK, single.seq_len)]) - clean).abs().max() > 1e-3
-    assert (_logits(ad, single, [HeadAblation(ad, "zero").edits(heads[:2], TASK, single.seq_len)]) - clean).abs().max() > 1e-4
+    assert (_logits(ad, single, [other.edits(heads, TASK, lay, single.seq_len)]) - clean).abs().max() > 1e-3
+    assert (_logits(ad, single, [HeadAblation(ad, "zero").edits(heads[:2], TASK, lay, single.seq_len)]) - clean).abs().max() > 1e-4
     # left padded inside a batch (s1's prompt is the shorter one): still its own run at its real positions
     batch = ad.prepare([s1.load_image(), s2.load_image()], [ad.prompt(TASK, s.category) for s in two_samples])
     assert batch.seq_len > single.seq_len
-    ablated = _logits(ad, batch, [own.edits(heads, TASK, batch.seq_len), []])
+    ablated = _logits(ad, batch, [own.edits(heads, TASK, batch.layouts[0], batch.seq_len), []])
     torch.testing.assert_close(ablated[0, -single.seq_len:], clean[0], atol=1e-5, rtol=1e-5)
 
 

@@ -19,8 +19,10 @@ head; larger k are clipped):
 
 Ablation (``experiment.ablation``): ``mean`` replaces a head's output by its mean over clean runs
 of the first ``experiment.mean_samples`` samples with the measured task's prompt, per position
-right-aligned to the prompt end, generated tokens taking the mean over all prompt positions
-(``vlmloc.engine.head_means``); ``zero`` sets it to 0. Every position is ablated, prompt and
+with the same role (chat prefix aligned on the image start, each visual token by view and place
+in its tile, the text after the image aligned on the sequence end), generated tokens taking the
+mean over the text positions after the image (``experiment.answer_mean=text``; ``prompt`` = over
+every prompt position) (``vlmloc.engine.head_means``); ``zero`` sets it to 0. Every position is ablated, prompt and
 generated answer.
 
 Outputs: ``results.parquet`` (extra columns ``head_set``, ``k``, ``ranking``, ``heads_edited``),
@@ -46,7 +48,7 @@ from omegaconf import OmegaConf
 
 from vlmloc.app import RunContext
 from vlmloc.data.sample import Sample
-from vlmloc.engine.head_means import HeadMeans, head_means
+from vlmloc.engine.head_means import ANSWER_MEANS, HeadMeans, head_means
 from vlmloc.engine.heads import HeadEdit, head_slice
 from vlmloc.evaluation import BASELINE, Condition
 from vlmloc.models.adapter import VLMAdapter
@@ -166,6 +168,7 @@ class Settings:
     mean_samples: int
     tasks: tuple[str, ...]
     rank_by: str = "mean"
+    answer_mean: str = "text"
 
     @property
     def ranking_tasks(self) -> list[str]:
@@ -203,8 +206,10 @@ def settings(cfg: Any) -> Settings:
         raise ValueError("head_sets=[cls_critical] is measured on localization: add localization to experiment.tasks")
     if str(exp.rank_by) not in MF_STATISTICS:
         raise ValueError(f"experiment.rank_by must be one of {list(MF_STATISTICS)}, got {exp.rank_by!r}")
+    if str(exp.answer_mean) not in ANSWER_MEANS:
+        raise ValueError(f"experiment.answer_mean must be one of {list(ANSWER_MEANS)}, got {exp.answer_mean!r}")
     return Settings(Path(str(exp.cma_dir)), str(exp.mf_positions), ks, head_sets, str(exp.ablation), int(exp.mean_samples), tasks,
-                    str(exp.rank_by))
+                    str(exp.rank_by), str(exp.answer_mean))
 
 
 def rankings(mf: pd.DataFrame, st: Settings) -> dict[str, pd.DataFrame]:
@@ -266,7 +271,7 @@ class Plan:
 
 
 class HeadAblation:
-    """Head edits that ablate a set of heads: mean (per task, right-aligned) or zero."""
+    """Head edits that ablate a set of heads: mean (per task, by position role) or zero."""
 
     def __init__(self, adapter: VLMAdapter, kind: str, means: Mapping[str, HeadMeans] | None = None) -> None:
         if kind not in ABLATIONS:
@@ -276,12 +281,12 @@ class HeadAblation:
         self.adapter, self.kind, self.means = adapter, kind, means or {}
         self.zero = torch.zeros(adapter.head_dim, dtype=adapter.model.dtype, device=adapter.device)
 
-    def edits(self, heads: Sequence[Head], task: str, seq_len: int) -> list[HeadEdit]:
+    def edits(self, heads: Sequence[Head], task: str, layout: VisualLayout, seq_len: int) -> list[HeadEdit]:
         if self.kind == "zero":
             return [HeadEdit(layer, head, self.zero) for layer, head in heads]
         out = []
         for layer, head in heads:
-            value, tail = self.means[task].row_value(layer, seq_len)
+            value, tail = self.means[task].row_value(layer, layout, seq_len)
             sl = head_slice(self.adapter, head)
             out.append(HeadEdit(layer, head, value[:, sl], tail=tail[sl]))
         return out
@@ -293,7 +298,7 @@ class HeadAblation:
         def fn(sample: Sample, layout: VisualLayout, task: str, seq_len: int) -> list[HeadEdit]:
             if task not in cache:
                 cache[task] = heads_for_task(task)
-            return self.edits(cache[task], task, seq_len)
+            return self.edits(cache[task], task, layout, seq_len)
 
         return Condition(name, heads=fn, columns=columns)
 
@@ -339,7 +344,8 @@ def run(ctx: RunContext) -> None:
         if st.ablation == "mean":
             ref = ctx.samples[: st.mean_samples]
             log.info("head means over %d reference samples per task", len(ref))
-            means = {t: head_means(ad, ref, t, st.mean_samples, batch_size=int(cfg.batch_size)) for t in st.tasks}
+            means = {t: head_means(ad, ref, t, st.mean_samples, batch_size=int(cfg.batch_size), answer_mean=st.answer_mean)
+                     for t in st.tasks}
         conditions = build_conditions(plan, HeadAblation(ad, st.ablation, means), seed=int(cfg.seed))
         assert [c.name for c in conditions] == names, "Plan.names out of sync with build_conditions"
         log.info("head ablation: %d conditions on %d of %d samples", len(names), len(todo), len(ctx.samples))
