@@ -21,8 +21,8 @@ import torch
 from omegaconf import DictConfig
 
 from vlmloc.data import Sample, load_samples
-from vlmloc.evaluation import BASELINE, Condition, evaluate
 from vlmloc.errors import ConfigError, VlmlocError
+from vlmloc.evaluation import BASELINE, Condition, evaluate
 from vlmloc.models import VLMAdapter, load_adapter
 from vlmloc.models.loading import check_weights
 from vlmloc.results import ResultStore, provenance, write_run_json
@@ -77,7 +77,10 @@ class RunContext:
         """`evaluation.evaluate` on this run's model, its rows stored as they are computed (at least
         every `results.flush_seconds`), after `columns` adds any experiment-specific columns."""
         extra = columns or (lambda df: df)
-        sink = lambda df: self.store.add(extra(df))  # noqa: E731
+
+        def sink(rows: pd.DataFrame) -> None:
+            self.store.add(extra(rows))
+
         df = evaluate(self.adapter, samples, tasks, batch_size=int(self.cfg.batch_size), conditions=conditions,
                       skip=skip, sink=sink, flush_seconds=float(self.cfg.results.flush_seconds))
         return extra(df) if len(df) else df
@@ -144,13 +147,15 @@ def run(cfg: DictConfig, run_dir: Path, adapter: VLMAdapter | None = None) -> No
     except ModuleNotFoundError as err:
         if err.name != f"vlmloc.experiments.{name}":
             raise
-        raise ValueError(f"unknown experiment {name!r}: no module vlmloc.experiments.{name}") from None
+        raise ConfigError(f"unknown experiment {name!r}: no module vlmloc.experiments.{name}") from None
     check_root_config(cfg)
     if hasattr(module, "check_config"):  # experiment-specific checks that need neither data nor model
         try:
             module.check_config(cfg)
+        except VlmlocError:
+            raise
         except ValueError as err:  # experiments state bad settings as ValueError: a user error
-            raise err if isinstance(err, VlmlocError) else ConfigError(str(err)) from err
+            raise ConfigError(str(err)) from err
     ctx = RunContext(cfg=cfg, run_dir=Path(run_dir))
     if adapter is not None:
         ctx.__dict__["adapter"] = adapter  # seeds the cached_property

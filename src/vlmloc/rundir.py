@@ -3,9 +3,9 @@
 - `config.json`, written when a run starts, holds the configuration its numbers depend on: the
   composed config, unresolved (so `${...}` paths and the packaged demo models' location stay
   symbolic), without the keys in `NOT_IN_FINGERPRINT` (where files go, batch size, loader
-  workers, Hydra's own settings: batched rows equal single rows, so resuming with another batch
-  size is safe; `results` only says how often rows are written). A rerun into a directory that holds results of another configuration is refused
-  before any data or model is loaded, naming each changed key.
+  workers, how often rows are written, Hydra's own settings: batched rows equal single rows, so
+  resuming with another batch size is safe). A rerun into a directory that holds results of
+  another configuration is refused before any data or model is loaded, naming each changed key.
 - `run.lock` holds the writer's pid and host while a run writes. A second writer is refused
   with both named; a lock left by a process that is gone (same host) is taken over.
 """
