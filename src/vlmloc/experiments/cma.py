@@ -3,9 +3,10 @@
 Writes mf.parquet (one row per sample x task x layer x head: p_src, p_base, p_patched,
 denominator, mf, valid, the source answer and its IoU), excluded_pairs.parquet (pairs left out of
 a task before patching: localization pairs whose source box misses, IoU below
-experiment.localization_source_min_iou, since the source run must answer correctly), a summary with the top-k heads per task with their layer and head
-indices, the overlap of the two tasks' top-k sets, the critical-head threshold and count, the
-pairs excluded for a small denominator, and layer x head heatmaps of mean MF per task.
+experiment.localization_source_min_iou, since the source run must answer correctly), a summary
+with the top-k heads per task with their layer and head indices, the overlap of the two tasks'
+top-k sets, the critical-head threshold and count, the pairs excluded for a small denominator,
+and layer x head heatmaps of mean MF per task.
 """
 
 from __future__ import annotations
@@ -122,11 +123,6 @@ def mf_per_head(rows: pd.DataFrame, keys: tuple[str, ...] = ("task", "layer", "h
     return out[[*keys, "mean_mf", "median_mf", "pooled_mf", "n"]]
 
 
-def head_table(mf: pd.DataFrame) -> pd.DataFrame:
-    """MF statistics over valid pairs per (task, layer, head), with the number of pairs."""
-    return mf_per_head(mf)
-
-
 def top_heads(table: pd.DataFrame, task: str, k: int) -> pd.DataFrame:
     t = table[table["task"] == task].sort_values(["mean_mf", "layer", "head"], ascending=[False, True, True])
     return t.head(k).reset_index(drop=True)
@@ -134,7 +130,7 @@ def top_heads(table: pd.DataFrame, task: str, k: int) -> pd.DataFrame:
 
 def summarize_cma(ctx: RunContext, mf: pd.DataFrame, dropped: pd.DataFrame) -> str:
     exp = ctx.cfg.experiment
-    table = head_table(mf)
+    table = mf_per_head(mf)
     k, thr = int(exp.top_k), float(exp.critical_mf)
     lines = [f"CMA | model={ctx.cfg.model.name} | pairs={mf['sample_id'].nunique()} | positions={exp.positions} | "
              f"critical: mean MF >= {thr}"]
@@ -159,7 +155,7 @@ def summarize_cma(ctx: RunContext, mf: pd.DataFrame, dropped: pd.DataFrame) -> s
 
 
 def plot_heatmaps(ctx: RunContext, mf: pd.DataFrame, path) -> None:
-    table = head_table(mf)
+    table = mf_per_head(mf)
     tasks = sorted(table["task"].unique())
     ad_layers, ad_heads = int(mf["layer"].max()) + 1, int(mf["head"].max()) + 1
     fig, axes = plt.subplots(1, max(len(tasks), 1), figsize=(5 * max(len(tasks), 1), 4), squeeze=False)

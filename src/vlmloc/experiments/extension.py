@@ -19,9 +19,9 @@ W/16 by H/16, or the single tile when there is no thumbnail) or of the finest gr
 InternVL's local-crop canvas, W / (n_cols * 16) by H / (n_rows * 16)). The paper states no
 scale factors; q = p is the box an ideal "containerising" model would answer when its boxes
 come from that view, and Table 3 finds InternVL's localization in the global view, hence the
-default (a thumbnail ring is several local cells wide). Accuracy is the paper's metric (mean over IoU thresholds 0.5 / 0.7 /
-0.9 of the hit rates) of the predicted box against the scaled GT box. The diagonal dominating
-means the predicted box grows with the extension.
+default (a thumbnail ring is several local cells wide). Accuracy is the paper's metric (mean
+over IoU thresholds 0.5 / 0.7 / 0.9 of the hit rates) of the predicted box against the scaled GT
+box. The diagonal dominating means the predicted box grows with the extension.
 
 Every result row carries ``pad``, the cell's grid (``grid_view``, ``grid_x0..grid_y1``,
 ``grid_rows``, ``grid_cols``) and its cell size (``cell_w``, ``cell_h``) next to ``pred_box`` and
@@ -150,7 +150,8 @@ def cell_grid(layout: VisualLayout, cell: str) -> tuple[str, geometry.TokenGrid]
 
 
 def grid_columns(layout: VisualLayout, cell: str = "global") -> dict[str, Any]:
-    """The grid whose cell grows the GT box (`cell_grid`) and that cell's size in original pixels, as result columns."""
+    """The grid whose cell grows the GT box (`cell_grid`) and that cell's size in original pixels,
+    as result columns."""
     view, g = cell_grid(layout, cell)
     return {
         "grid_view": view,
