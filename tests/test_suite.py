@@ -32,14 +32,29 @@ def test_bad_suites_fail_before_any_work(override, message):
 
 
 def test_suite_runs_each_experiment_into_its_folder_with_one_model(tmp_path, monkeypatch):
+    """One model and one dataset load; baseline rows computed once and copied into shuffle's run;
+    every run's rows equal the rows of the same experiment run alone."""
     data_dir = tmp_path / "data"
     cfg = compose_cfg("model=tiny_llava", "data=synthetic", "data.n=3", "experiment.runs=[baseline,shuffle]",
                       data_dir=data_dir)
-    loads = []
-    real = app.load_adapter
+    loads, data_loads, evaluated = [], [], []
+    real, real_data, real_eval = app.load_adapter, app.load_samples, app.evaluate
     monkeypatch.setattr(app, "load_adapter", lambda c: loads.append(1) or real(c))
+    monkeypatch.setattr(app, "load_samples", lambda c: data_loads.append(1) or real_data(c))
+
+    def counting_evaluate(adapter, samples, tasks, *, conditions, skip, **kw):
+        evaluated.extend((s.sample_id, t, c.name) for s in samples for t in tasks for c in conditions
+                         if (s.sample_id, t, c.name) not in skip)
+        return real_eval(adapter, samples, tasks, conditions=conditions, skip=skip, **kw)
+
+    monkeypatch.setattr(app, "evaluate", counting_evaluate)
     app.run(cfg, tmp_path / "suite")
-    assert len(loads) == 1
+    assert len(loads) == 1 and len(data_loads) == 1
+    assert sorted(k for k in evaluated if k[2] == "baseline") == sorted(
+        (s, t, "baseline") for s in pd.read_parquet(tmp_path / "suite" / "baseline" / "results.parquet")["sample_id"].unique()
+        for t in ("classification", "localization"))
+    assert len(evaluated) == len(set(evaluated)), "a row was computed twice"
+    monkeypatch.setattr(app, "evaluate", real_eval)
     for name in ("baseline", "shuffle"):
         alone = tmp_path / f"alone-{name}"
         app.run(compose_cfg(f"experiment={name}", "model=tiny_llava", "data=synthetic", "data.n=3", data_dir=data_dir), alone)

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
+import traceback
 from pathlib import Path
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from omegaconf import DictConfig
 
 
@@ -23,9 +26,25 @@ def config_dir() -> Path:
 def _app(cfg: DictConfig) -> None:
     from vlmloc.app import run
     from vlmloc.errors import VlmlocError
+    from vlmloc.sweep import record_job
 
+    hydra_cfg = HydraConfig.get()
+    run_dir = Path(hydra_cfg.runtime.output_dir)
+    if hydra_cfg.mode == RunMode.MULTIRUN:
+        # a job records how it ended; the sweep's report (vlmloc.sweep) prints every job's and exits
+        try:
+            run(cfg, run_dir)
+        except VlmlocError as err:
+            logging.getLogger("vlmloc").error("vlmloc: error: %s", err)
+            record_job(run_dir, hydra_cfg, "user error", f"vlmloc: error: {err}")
+        except Exception:
+            logging.getLogger("vlmloc").exception("job failed")
+            record_job(run_dir, hydra_cfg, "bug", traceback.format_exc())
+        else:
+            record_job(run_dir, hydra_cfg, "done")
+        return
     try:
-        run(cfg, Path(HydraConfig.get().runtime.output_dir))
+        run(cfg, run_dir)
     except VlmlocError as err:
         if os.environ.get("HYDRA_FULL_ERROR") == "1":
             raise

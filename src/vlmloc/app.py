@@ -44,6 +44,9 @@ class RunContext:
     cfg: DictConfig
     run_dir: Path
     started: float = field(default_factory=time.time)
+    # A finished run whose baseline rows equal this run's (experiment=suite: the same model, data,
+    # tasks and prompts): `evaluate` copies them instead of recomputing.
+    baseline_from: Path | None = None
 
     @cached_property
     def store(self) -> ResultStore:
@@ -77,13 +80,32 @@ class RunContext:
         """`evaluation.evaluate` on this run's model, its rows stored as they are computed (at least
         every `results.flush_seconds`), after `columns` adds any experiment-specific columns."""
         extra = columns or (lambda df: df)
+        reused = self._reuse_baseline(samples, tasks, conditions, skip, extra)
+        if len(reused):
+            skip = set(skip) | set(zip(reused["sample_id"], reused["task"], reused["condition"]))
 
         def sink(rows: pd.DataFrame) -> None:
             self.store.add(extra(rows))
 
         df = evaluate(self.adapter, samples, tasks, batch_size=int(self.cfg.batch_size), conditions=conditions,
                       skip=skip, sink=sink, flush_seconds=float(self.cfg.results.flush_seconds))
-        return extra(df) if len(df) else df
+        df = extra(df) if len(df) else df
+        return pd.concat([reused, df], ignore_index=True) if len(reused) else df
+
+    def _reuse_baseline(self, samples: Sequence[Sample], tasks: Sequence[str], conditions: Sequence[Condition],
+                        skip: Collection[tuple[str, str, str]], extra: Callable[[pd.DataFrame], pd.DataFrame]) -> pd.DataFrame:
+        """The baseline rows of `baseline_from` this call would compute, stored here as this run's."""
+        if self.baseline_from is None or BASELINE not in conditions:
+            return pd.DataFrame()
+        wanted = {(s.sample_id, t, BASELINE.name) for s in samples for t in tasks} - set(skip)
+        rows = ResultStore(self.baseline_from).load()
+        rows = rows[[k in wanted for k in zip(rows["sample_id"], rows["task"], rows["condition"])]]
+        if not len(rows):
+            return pd.DataFrame()
+        rows = extra(rows.reset_index(drop=True))
+        self.store.add(rows)
+        log.info("baseline: %d of %d rows reused from %s", len(rows), len(wanted), self.baseline_from)
+        return rows
 
     def check_inputs(self) -> None:
         """Fail fast, before any heavy work: data present and well formed, weights findable."""
@@ -131,14 +153,17 @@ def check_root_config(cfg: DictConfig) -> None:
         raise ConfigError(f"data.n must be an integer >= 1 or null (= every sample), got {n!r}")
 
 
-def run(cfg: DictConfig, run_dir: Path, adapter: VLMAdapter | None = None) -> None:
+def run(cfg: DictConfig, run_dir: Path, adapter: VLMAdapter | None = None,
+        data: tuple[list[Sample], list[dict[str, Any]]] | None = None, baseline_from: Path | None = None) -> None:
     """Run `cfg.experiment.name` into `run_dir`, holding its writer lock (`vlmloc.rundir`).
 
     A rerun of a finished run does no new work; a rerun with a changed configuration is refused
     before data or model load (`vlmloc.rundir.check_run_config`), except for experiments with
     `RECOMPUTES_CHANGED_CONFIG = True`, which key their own rows by the settings that made them.
 
-    adapter: an already loaded model of `cfg.model` (experiment=suite shares one across its runs).
+    adapter: an already loaded model of `cfg.model` (experiment=suite shares one across its runs);
+    data: the already loaded samples and filter report of `cfg.data` (likewise);
+    baseline_from: a finished run with this run's baseline rows (`RunContext.baseline_from`).
     """
     seed_everything(int(cfg.seed))
     name = str(cfg.experiment.name)
@@ -156,9 +181,11 @@ def run(cfg: DictConfig, run_dir: Path, adapter: VLMAdapter | None = None) -> No
             raise
         except ValueError as err:  # experiments state bad settings as ValueError: a user error
             raise ConfigError(str(err)) from err
-    ctx = RunContext(cfg=cfg, run_dir=Path(run_dir))
+    ctx = RunContext(cfg=cfg, run_dir=Path(run_dir), baseline_from=baseline_from)
     if adapter is not None:
         ctx.__dict__["adapter"] = adapter  # seeds the cached_property
+    if data is not None:
+        ctx.__dict__["_data"] = data
     ctx.run_dir.mkdir(parents=True, exist_ok=True)
     with writer_lock(ctx.run_dir):
         remove_leftovers(ctx.run_dir)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import time
 from pathlib import Path
 from typing import Any
 
@@ -53,7 +54,7 @@ def mean_visual_embedding(ctx: Any) -> torch.Tensor:
     tensor_path, meta_path = cache / f"{name}.pt", cache / f"{name}.json"
     if tensor_path.exists():
         return torch.load(tensor_path, map_location="cpu")
-    adapter = ctx.adapter
+    adapter, t0 = ctx.adapter, time.monotonic()
     total, count, image_ids = None, 0, []
     n_images = int(ctx.cfg.mean_embedding.n_images)
     samples = ctx.samples
@@ -75,5 +76,6 @@ def mean_visual_embedding(ctx: Any) -> torch.Tensor:
     atomic_write(tensor_path, lambda f: torch.save(mean, f))
     meta = {**ident, "n_images_used": len(image_ids), "n_tokens": count, "image_ids": image_ids}
     atomic_write(meta_path, lambda f: f.write(json.dumps(meta, indent=2, default=str).encode()))
-    log.info("mean visual embedding over %d images (%d tokens) cached at %s", len(image_ids), count, tensor_path)
+    log.info("mean visual embedding over %d images (%d tokens) in %.1f s, cached at %s", len(image_ids), count,
+             time.monotonic() - t0, tensor_path)
     return mean

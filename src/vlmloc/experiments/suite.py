@@ -54,13 +54,25 @@ def check_config(cfg: DictConfig) -> None:
             module.check_config(sub)
 
 
+def _without_experiment(cfg: DictConfig) -> dict:
+    from vlmloc.rundir import run_config as fingerprint
+
+    return {k: v for k, v in fingerprint(cfg).items() if k != "experiment"}
+
+
 def run(ctx: RunContext) -> None:
     from vlmloc.app import run as run_one
 
-    parts = []
+    parts, baseline = [], None
+    shared_data = OmegaConf.to_container(ctx.cfg.data, resolve=True)
     for name in ctx.cfg.experiment.runs:
+        sub = run_config(ctx.cfg, name)
         log.info("suite: experiment=%s into %s", name, ctx.run_dir / name)
-        run_one(run_config(ctx.cfg, name), ctx.run_dir / name, adapter=ctx.adapter)
+        data = ctx._data if OmegaConf.to_container(sub.data, resolve=True) == shared_data else None
+        reuse = baseline[0] if baseline is not None and _without_experiment(sub) == baseline[1] else None
+        run_one(sub, ctx.run_dir / name, adapter=ctx.adapter, data=data, baseline_from=reuse)
+        if name == "baseline":
+            baseline = (ctx.run_dir / name, _without_experiment(sub))
         tables = sorted((ctx.run_dir / name).glob("*.md"))  # each experiment names its own (summary.md, table1_*.md, ...)
         parts.append(f"## {name}\n\n" + "\n".join(f"{t.name}:\n\n{t.read_text()}" for t in tables))
     (ctx.run_dir / "summary.md").write_text("\n".join(parts))

@@ -1,0 +1,46 @@
+"""A multirun prints every job's run directory, logs and tables or error, and exits by the worst job."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pandas as pd
+import pytest
+
+
+def _sweep(tmp_path, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "vlmloc", "-m", "experiment=baseline", "model=tiny_llava", *args,
+                           f"paths.output_dir={tmp_path}/out", f"paths.data_dir={tmp_path}/data"],
+                          capture_output=True, text=True, cwd=tmp_path, timeout=300)
+
+
+def test_a_sweep_reports_each_job_and_a_failed_job_sets_the_exit_status(tmp_path):
+    out = _sweep(tmp_path, "data.n=2,0")
+    assert out.returncode == 2, out.stderr[-2000:]
+    report = out.stdout[out.stdout.index("\nsweep "):]
+    jobs = {json.loads(p.read_text())["num"]: json.loads(p.read_text()) for p in (tmp_path / "out").rglob("job.json")}
+    assert sorted(jobs) == [0, 1] and jobs[0]["status"] == "done" and jobs[1]["status"] == "user error"
+    good, bad = jobs[0], jobs[1]
+    assert f"#0 experiment=baseline model=tiny_llava data.n=2 paths.output_dir={tmp_path}/out" in report
+    assert f"run dir: {good['run_dir']}" in report and f"log:     {good['log']}" in report
+    # the job's table, as its run directory holds it, and its rows: 2 objects x 2 tasks
+    rows = pd.read_parquet(f"{good['run_dir']}/results.parquet")
+    assert len(rows) == 4
+    for line in open(f"{good['run_dir']}/summary.md").read().strip().splitlines():
+        assert "  " + line in report
+    assert f"run dir: {bad['run_dir']}" in report
+    assert "vlmloc: error: data.n must be an integer >= 1 or null (= every sample), got 0" in report
+    assert report.rstrip().endswith("sweep: 1 of 2 job(s) done")
+
+
+def test_the_submitit_launcher_names_each_jobs_output_folder_and_leaves_no_literal_placeholder(tmp_path):
+    pytest.importorskip("hydra_plugins.hydra_submitit_launcher")
+    out = _sweep(tmp_path, "hydra/launcher=local", "data.n=1")
+    assert out.returncode == 0, out.stderr[-2000:]
+    (job,) = [json.loads(p.read_text()) for p in (tmp_path / "out").rglob("job.json")]
+    submitit = next((tmp_path / "out").rglob(".submitit"))
+    assert [p.name for p in submitit.iterdir()] == [job["launcher_output"].rsplit("/", 1)[-1]]
+    assert f"stdout and stderr: {job['launcher_output']}/" in out.stdout
+    assert any(p.name.endswith("_log.out") for p in submitit.glob("*/*"))
