@@ -22,7 +22,8 @@ from omegaconf import DictConfig
 
 from vlmloc.data import Sample, load_samples
 from vlmloc.errors import ConfigError, VlmlocError
-from vlmloc.evaluation import BASELINE, Condition, evaluate
+from vlmloc.conditions import BASELINE, Condition, Resources, pending
+from vlmloc.evaluation import evaluate
 from vlmloc.models import VLMAdapter, load_adapter
 from vlmloc.models.loading import check_weights
 from vlmloc.results import ResultStore, provenance, write_run_json
@@ -68,6 +69,39 @@ class RunContext:
     def adapter(self) -> VLMAdapter:
         return load_adapter(self.cfg.model)
 
+    @cached_property
+    def resources(self) -> Resources:
+        """The named inputs conditions read (`vlmloc.resources`), computed on first use."""
+        from vlmloc.resources import run_resources
+
+        return run_resources(self)
+
+    def run_conditions(
+        self,
+        conditions: Sequence[Condition],
+        tasks: Sequence[str],
+        *,
+        samples: Sequence[Sample] | None = None,
+        columns: Callable[[pd.DataFrame], pd.DataFrame] | None = None,
+        provenance: Callable[[], dict[str, Any]] | None = None,
+    ) -> pd.DataFrame:
+        """Every row of conditions x samples (default: the run's) x tasks that the store lacks,
+        evaluated and stored; run.json rewritten when a row was new (with `provenance()` merged in).
+        Returns every stored row. A finished run loads nothing and computes nothing."""
+        samples = self.samples if samples is None else samples
+        done = self.store.done_keys()
+        todo = pending(conditions, samples, tasks, done)
+        if not todo:
+            log.info("all %d rows of %d condition(s) already in %s: nothing to do",
+                     len(pending(conditions, samples, tasks, ())), len(conditions), self.run_dir)
+            return self.store.load()
+        ids = {key[0] for key in todo}
+        log.info("%d condition(s) x %d task(s): %d rows of %d samples to compute", len(conditions), len(tasks),
+                 len(todo), len(ids))
+        self.evaluate([s for s in samples if s.sample_id in ids], tasks, conditions=conditions, skip=done, columns=columns)
+        self.write_provenance(**(provenance() if provenance is not None else {}))
+        return self.store.load()
+
     def evaluate(
         self,
         samples: Sequence[Sample],
@@ -88,7 +122,7 @@ class RunContext:
             self.store.add(extra(rows))
 
         df = evaluate(self.adapter, samples, tasks, batch_size=int(self.cfg.batch_size), conditions=conditions,
-                      skip=skip, sink=sink, flush_seconds=float(self.cfg.results.flush_seconds))
+                      skip=skip, sink=sink, flush_seconds=float(self.cfg.results.flush_seconds), resources=self.resources)
         df = extra(df) if len(df) else df
         return pd.concat([reused, df], ignore_index=True) if len(reused) else df
 

@@ -7,9 +7,9 @@ the sample's meta) or starts with a yes word.
 Localization: greedy generation, the family's box parser, IoU with the ground-truth box; hits at
 IoU >= 0.5 / 0.7 / 0.9; an unparseable answer is a miss (IoU 0) kept with its raw text.
 
-A condition intervenes per batch row in up to three ways, installed together for the row's
-forward pass or generate call: token edits at the LM input, attention knockout, and head-output
-edits (see `Condition`).
+A condition (`vlmloc.conditions`: plain data) is realized per batch row into up to three kinds of
+engine edit, installed together for the row's forward pass or generate call: token edits at the
+LM input, attention knockout, and head-output edits.
 """
 
 from __future__ import annotations
@@ -19,51 +19,23 @@ import logging
 import math
 import re
 import time
-from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Collection, Iterator, Sequence
 from typing import Any
 
 import pandas as pd
 from tqdm.auto import tqdm
 
 from vlmloc import geometry
+from vlmloc.conditions import BASELINE, AblateHeads, BlockAttention, Condition, Resources, realize
 from vlmloc.data.sample import Sample
 from vlmloc.engine.heads import HeadEdit, edit_heads
 from vlmloc.engine.knockout import Knockout, knockout
 from vlmloc.engine.runner import generate, next_token_logprobs, yes_probability
 from vlmloc.engine.token_edits import TokenEdit, edit_lm_input
 from vlmloc.models.adapter import PreparedBatch, VLMAdapter
-from vlmloc.models.layout import VisualLayout
 
 log = logging.getLogger("vlmloc.evaluation")
 IOU_THRESHOLDS = (0.5, 0.7, 0.9)
-# Per-row interventions of one condition, from (sample, layout of its row, task[, seq_len]).
-# seq_len: the padded prompt length of the row's batch, i.e. the absolute position of the first
-# generated token (generated tokens sit at seq_len, seq_len + 1, ...).
-EditFn = Callable[[Sample, VisualLayout, str], list[TokenEdit]]
-KnockoutFn = Callable[[Sample, VisualLayout, str, int], Knockout]
-HeadFn = Callable[[Sample, VisualLayout, str, int], list[HeadEdit]]
-
-
-@dataclass(frozen=True)
-class Condition:
-    """A named intervention applied per row; all of `edits`, `knockout`, `heads` None = the clean model.
-
-    edits:    token edits at the LM input (prefill only).
-    knockout: attention knockout; queries that are generated positions (>= seq_len) are blocked
-              during generation too (see `max_new_tokens` for how far generation can reach).
-    heads:    head-output edits (o_proj inputs), at prompt and generated positions.
-    `columns` are recorded on every result row of the condition (e.g. strategy, pad).
-    """
-
-    name: str
-    edits: EditFn | None = None
-    columns: Mapping[str, Any] = field(default_factory=dict)
-    knockout: KnockoutFn | None = None
-    heads: HeadFn | None = None
-
-
-BASELINE = Condition("baseline")
 
 
 def length_order(adapter: VLMAdapter, items: Sequence[tuple[Sample, Condition]], task: str) -> list[int]:
@@ -120,8 +92,12 @@ def evaluate(
     progress: bool = True,
     sink: Callable[[pd.DataFrame], Any] | None = None,
     flush_seconds: float = 0.0,
+    resources: Resources | None = None,
 ) -> pd.DataFrame:
-    """One row per sample x task x condition (results schema), minus keys in `skip`.
+    """One row per sample x task x condition measured on the task (results schema), minus keys in `skip`.
+
+    resources: the named inputs the conditions read (`Condition.resources`); "adapter" and
+    "new_tokens" are always provided here.
 
     sink: called with the rows finished since its last call, at least every `flush_seconds`
     (0 = after every batch) and when a task ends, so a killed run keeps what it computed
@@ -132,12 +108,16 @@ def evaluate(
     frac_edited (token edits); knockout_keys (key positions blocked) when a condition knocks out
     attention; heads_edited (distinct (layer, head) pairs) when a condition edits heads.
     """
-    with_knockout = any(c.knockout is not None for c in conditions)
-    with_heads = any(c.heads is not None for c in conditions)
+    with_knockout = any(isinstance(iv, BlockAttention) for c in conditions for iv in c.interventions)
+    with_heads = any(isinstance(iv, AblateHeads) for c in conditions for iv in c.interventions)
+    named = resources if resources is not None else Resources()
+    named.setdefault("adapter", adapter)
+    named.setdefault("new_tokens", {t: max_new_tokens(adapter, t) for t in ("classification", "localization")})
     frames = []
     for task in tasks:
         items = [
-            (s, c) for s in samples for c in conditions if (s.sample_id, task, c.name) not in skip
+            (s, c) for s in samples for c in conditions
+            if c.measured_on(task) and (s.sample_id, task, c.name) not in skip
         ]
         if not items:
             continue
@@ -151,10 +131,10 @@ def evaluate(
             images = {s.sample_id: s.load_image() for s, _ in chunk}
             batch = adapter.prepare([images[s.sample_id] for s, _ in chunk], [adapter.prompt(task, s.category) for s, _ in chunk])
             rows_in = list(zip(chunk, batch.layouts))
-            seq = batch.seq_len
-            edits = [c.edits(s, lay, task) if c.edits is not None else [] for (s, c), lay in rows_in]
-            kos = [c.knockout(s, lay, task, seq) if c.knockout is not None else Knockout.none() for (s, c), lay in rows_in]
-            heads = [c.heads(s, lay, task, seq) if c.heads is not None else [] for (s, c), lay in rows_in]
+            realized = [realize(c, s, lay, task, batch.seq_len, named) for (s, c), lay in rows_in]
+            edits = [r.edits for r in realized]
+            kos = [r.knockout for r in realized]
+            heads = [r.heads for r in realized]
             with intervene(adapter, edits, kos, heads):
                 results = _run_task(adapter, batch, [s for s, _ in chunk], task)
             for i, (sample, cond), res, layout, row_edits, ko, row_heads in zip(idx, chunk, results, batch.layouts, edits, kos, heads):

@@ -49,12 +49,11 @@ import torch
 from vlmloc import geometry
 from vlmloc.app import RunContext
 from vlmloc.data.sample import Sample
-from vlmloc.engine.token_edits import TokenEdit
-from vlmloc.evaluation import BASELINE, IOU_THRESHOLDS, Condition
+from vlmloc.conditions import BASELINE, Condition, Extend
+from vlmloc.evaluation import IOU_THRESHOLDS
 from vlmloc.models.adapter import VLMAdapter
 from vlmloc.models.layout import GLOBAL, VisualLayout
 from vlmloc.results import add_baseline_delta, atomic_write, summarize, to_markdown
-from vlmloc.selection import row_rng
 
 log = logging.getLogger("vlmloc.experiments.extension")
 
@@ -73,46 +72,14 @@ def condition_name(p: int) -> str:
     return BASELINE.name if p == 0 else f"{NAME}:p={p}"
 
 
-def ring_and_object(layout: VisualLayout, mask: np.ndarray, p: int) -> tuple[np.ndarray, np.ndarray]:
-    """(ring, object) bool [n_visual]: the tokens added by growing the object mask p rings, and the object's tokens."""
-    obj = layout.object_tokens(mask, 0)
-    ring = layout.object_tokens(mask, p) & ~obj
-    return ring, obj
-
-
-def extension_edits(layout: VisualLayout, mask: np.ndarray, p: int, rng: np.random.Generator) -> list[TokenEdit]:
-    """One copy edit per view: each ring token of a view takes a uniformly drawn object token of that view.
-
-    Views are visited in sorted name order so the draws depend only on the rng. A view without
-    object tokens (e.g. an object outside LLaVA's centre crop) gets no ring.
-    """
-    if p < 0:
-        raise ValueError(f"extension needs p >= 0, got {p}")
-    if p == 0:
-        return []
-    ring, obj = ring_and_object(layout, mask, p)
-    edits = []
-    for view in sorted(layout.grids):
-        in_view = layout.in_view(view)
-        dst = layout.positions[ring & in_view]
-        pool = layout.positions[obj & in_view]
-        if len(dst) == 0 or len(pool) == 0:
-            continue
-        edits.append(TokenEdit.copy(dst=dst, src=rng.choice(pool, size=len(dst), replace=True)))
-    return edits
-
-
 def extension_conditions(seed: int, pads: Sequence[int]) -> list[Condition]:
-    """One condition per padding level; column `pad` on every row."""
-    conditions = []
-    for p in pads:
-        p = int(p)
-
-        def edits(sample: Sample, layout: VisualLayout, task: str, p: int = p) -> list[TokenEdit]:
-            return extension_edits(layout, sample.mask(), p, row_rng(seed, sample.sample_id, NAME, p))
-
-        conditions.append(Condition(condition_name(p), None if p == 0 else edits, {"pad": p}))
-    return conditions
+    """One condition per padding level (p = 0: the clean model); column `pad` on every row."""
+    out = []
+    for p in (int(p) for p in pads):
+        if p < 0:
+            raise ValueError(f"extension needs p >= 0, got {p}")
+        out.append(Condition(condition_name(p), (Extend(p, seed, (NAME, p)),) if p else (), {"pad": p}))
+    return out
 
 
 # --------------------------------------------------------------------------- geometry of the matrix
@@ -354,23 +321,18 @@ def _settings(cfg: Any) -> tuple[list[int], list[int], list[str], int, str]:
 def run(ctx: RunContext) -> None:
     cfg = ctx.cfg
     pads, levels, tasks, n_examples, cell = _settings(cfg)
-    conditions = extension_conditions(int(cfg.seed), pads)
-    done = ctx.store.done_keys()
-    todo = [s for s in ctx.samples if any((s.sample_id, t, c.name) not in done for t in tasks for c in conditions)]
-    if todo:
-        log.info("extension p=%s: evaluating %d of %d samples", pads, len(todo), len(ctx.samples))
-        geo = {s.sample_id: grid_columns(layout_for_size(ctx.adapter, s.width, s.height), cell) for s in todo}
+    geo: dict[str, dict[str, Any]] = {}
 
-        def grid_columns_of(df):
-            for col in GRID_COLUMNS:
-                df[col] = df["sample_id"].map(lambda sid, col=col: geo[sid][col])
-            return df
+    def grid_columns_of(df: pd.DataFrame) -> pd.DataFrame:
+        for sid in set(df["sample_id"]) - set(geo):
+            s = next(s for s in ctx.samples if s.sample_id == sid)
+            geo[sid] = grid_columns(layout_for_size(ctx.adapter, s.width, s.height), cell)
+        for col in GRID_COLUMNS:
+            df[col] = df["sample_id"].map(lambda sid, col=col: geo[sid][col])
+        return df
 
-        ctx.evaluate(todo, tasks, conditions=conditions, skip=done, columns=grid_columns_of)
-        ctx.write_provenance()
-    else:
-        log.info("all %d samples already evaluated in %s: nothing to do", len(ctx.samples), ctx.run_dir)
-    report(ctx.store.load(), ctx.samples, ctx.run_dir, pads=pads, levels=levels, n_examples=n_examples, cfg=cfg)
+    results = ctx.run_conditions(extension_conditions(int(cfg.seed), pads), tasks, columns=grid_columns_of)
+    report(results, ctx.samples, ctx.run_dir, pads=pads, levels=levels, n_examples=n_examples, cfg=cfg)
 
 
 def report(

@@ -36,23 +36,19 @@ from __future__ import annotations
 import json
 import logging
 from collections import Counter
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
-import torch
 from omegaconf import OmegaConf
 
 from vlmloc.app import RunContext
-from vlmloc.data.sample import Sample
-from vlmloc.engine.head_means import ANSWER_MEANS, HeadMeans, head_means
-from vlmloc.engine.heads import HeadEdit, head_slice
-from vlmloc.evaluation import BASELINE, Condition
-from vlmloc.models.adapter import VLMAdapter
-from vlmloc.models.layout import VisualLayout
+from vlmloc.conditions import ABLATIONS, BASELINE, AblateHeads, Condition
+from vlmloc.engine.head_means import ANSWER_MEANS
+from vlmloc.models.loading import lm_shape
 from vlmloc.experiments.cma import MF_STATISTICS, mf_per_head
 from vlmloc.experiments.reporting import task_columns
 from vlmloc.results import TASKS, add_baseline_delta, atomic_write, summarize, to_markdown
@@ -63,7 +59,6 @@ log = logging.getLogger("vlmloc.experiments.head_ablation")
 MF_FILE = "mf.parquet"
 MF_COLUMNS = ("task", "layer", "head", "positions", "mf", "valid")
 HEAD_SETS = ("top", "random", "cls_critical")
-ABLATIONS = ("mean", "zero")
 TABLE_FILE = "fig5_head_ablation.md"
 FIG_FILE = "fig5_head_ablation.png"
 N_TOP_LISTED = 10
@@ -242,7 +237,7 @@ def condition_name(head_set: str, k: int) -> str:
 
 @dataclass(frozen=True)
 class Plan:
-    """Which heads every condition ablates, per measured task (cheap: no model needed for names)."""
+    """The rankings and k grid that decide which heads each condition ablates (no model needed)."""
 
     ranks: Mapping[str, pd.DataFrame]
     st: Settings
@@ -250,15 +245,6 @@ class Plan:
     @property
     def ks(self) -> list[int]:
         return k_values(self.st.ks, max(len(r) for r in self.ranks.values()))
-
-    def names(self) -> list[str]:
-        return [BASELINE.name, *(condition_name(h, k) for h in self.st.head_sets for k in self.ks)]
-
-    def measured(self, name: str) -> list[str]:
-        """Tasks a condition is measured on (cls_critical: localization only)."""
-        if name.startswith("heads:cls_critical:"):
-            return [t for t in self.st.tasks if t == "localization"]
-        return list(self.st.tasks)
 
     def heads(self, head_set: str, k: int, task: str, n_heads: int, seed: int) -> list[Head]:
         if head_set == "top":
@@ -270,59 +256,24 @@ class Plan:
         raise ValueError(f"unknown head set {head_set!r}; expected one of {HEAD_SETS}")
 
 
-class HeadAblation:
-    """Head edits that ablate a set of heads: mean (per task, by position role) or zero."""
-
-    def __init__(self, adapter: VLMAdapter, kind: str, means: Mapping[str, HeadMeans] | None = None) -> None:
-        if kind not in ABLATIONS:
-            raise ValueError(f"unknown ablation {kind!r}; expected one of {ABLATIONS}")
-        if kind == "mean" and not means:
-            raise ValueError("mean ablation needs head means per task")
-        self.adapter, self.kind, self.means = adapter, kind, means or {}
-        self.zero = torch.zeros(adapter.head_dim, dtype=adapter.model.dtype, device=adapter.device)
-
-    def edits(self, heads: Sequence[Head], task: str, layout: VisualLayout, seq_len: int) -> list[HeadEdit]:
-        if self.kind == "zero":
-            return [HeadEdit(layer, head, self.zero) for layer, head in heads]
-        out = []
-        for layer, head in heads:
-            value, tail = self.means[task].row_value(layer, layout, seq_len)
-            sl = head_slice(self.adapter, head)
-            out.append(HeadEdit(layer, head, value[:, sl], tail=tail[sl]))
-        return out
-
-    def condition(self, name: str, heads_for_task: Callable[[str], list[Head]], columns: Mapping[str, Any]) -> Condition:
-        """A condition ablating heads_for_task(task) on each task (drawn once per task)."""
-        cache: dict[str, list[Head]] = {}
-
-        def fn(sample: Sample, layout: VisualLayout, task: str, seq_len: int) -> list[HeadEdit]:
-            if task not in cache:
-                cache[task] = heads_for_task(task)
-            return self.edits(cache[task], task, layout, seq_len)
-
-        return Condition(name, heads=fn, columns=columns)
-
-
-def build_conditions(plan: Plan, ablation: HeadAblation, *, seed: int) -> list[Condition]:
-    n_heads = ablation.adapter.n_heads
+def conditions(plan: Plan, n_heads: int, *, seed: int) -> list[Condition]:
+    """baseline, then per head set and k: the heads of each measured task, ablated by `ablation`."""
     conds = [Condition(BASELINE.name, columns={"head_set": "none", "k": 0, "ranking": ""})]
     for head_set in plan.st.head_sets:
+        tasks = tuple(t for t in plan.st.tasks if t == "localization") if head_set == "cls_critical" else plan.st.tasks
         for k in plan.ks:
-            def heads_for_task(task: str, head_set: str = head_set, k: int = k) -> list[Head]:
-                return plan.heads(head_set, k, task, n_heads, seed)
-
-            ranking = "classification" if head_set == "cls_critical" else "task"
-            cond = ablation.condition(condition_name(head_set, k), heads_for_task, {"head_set": head_set, "k": k, "ranking": ranking})
-            conds.append(cond)
+            heads = tuple((t, tuple(plan.heads(head_set, k, t, n_heads, seed))) for t in tasks)
+            columns = {"head_set": head_set, "k": k, "ranking": "classification" if head_set == "cls_critical" else "task"}
+            conds.append(Condition(condition_name(head_set, k), (AblateHeads(heads, plan.st.ablation),), columns, tasks))
     return conds
 
 
-def check_heads_fit(ranks: Mapping[str, pd.DataFrame], adapter: VLMAdapter, source: Path) -> None:
+def check_heads_fit(ranks: Mapping[str, pd.DataFrame], n_layers: int, n_heads: int, source: Path) -> None:
     for task, r in ranks.items():
-        if len(r) and (r["layer"].max() >= adapter.n_layers or r["head"].max() >= adapter.n_heads):
+        if len(r) and (r["layer"].max() >= n_layers or r["head"].max() >= n_heads):
             raise ValueError(
                 f"{source} ranks layer {r['layer'].max()} / head {r['head'].max()} for {task}, but the model has "
-                f"{adapter.n_layers} layers x {adapter.n_heads} heads: was the cma run on another model?"
+                f"{n_layers} layers x {n_heads} heads: was the cma run on another model?"
             )
 
 
@@ -333,33 +284,19 @@ def run(ctx: RunContext) -> None:
     cfg = ctx.cfg
     st = settings(cfg)
     plan = Plan(rankings(load_mf(st.cma_dir), st), st)
-    names = plan.names()
-    not_measured = {(s.sample_id, t, n) for s in ctx.samples for n in names for t in st.tasks if t not in plan.measured(n)}
-    done = ctx.store.done_keys() | not_measured
-    todo = [s for s in ctx.samples if any((s.sample_id, t, c) not in done for t in st.tasks for c in names)]
-    if todo:
-        ad = ctx.adapter
-        check_heads_fit(plan.ranks, ad, st.cma_dir / MF_FILE)
-        means = None
-        if st.ablation == "mean":
-            ref = ctx.samples[: st.mean_samples]
-            log.info("head means over %d reference samples per task", len(ref))
-            means = {t: head_means(ad, ref, t, st.mean_samples, batch_size=int(cfg.batch_size), answer_mean=st.answer_mean)
-                     for t in st.tasks}
-        conditions = build_conditions(plan, HeadAblation(ad, st.ablation, means), seed=int(cfg.seed))
-        assert [c.name for c in conditions] == names, "Plan.names out of sync with build_conditions"
-        log.info("head ablation: %d conditions on %d of %d samples", len(names), len(todo), len(ctx.samples))
-        ctx.evaluate(todo, list(st.tasks), conditions=conditions, skip=done)
-        ctx.write_provenance(
-            head_ablation={
-                "cma_dir": str(st.cma_dir),
-                "mean_samples": min(st.mean_samples, len(ctx.samples)) if means else 0,
-                "top_heads": {t: [list(h) for h in top_heads(r, N_TOP_LISTED)] for t, r in plan.ranks.items()},
-            }
-        )
-    else:
-        log.info("all conditions already evaluated in %s: nothing to do", ctx.run_dir)
-    report(ctx.store.load(), ctx.run_dir, plan=plan, cfg=cfg)
+    n_layers, n_heads = lm_shape(cfg.model)
+    check_heads_fit(plan.ranks, n_layers, n_heads, st.cma_dir / MF_FILE)
+    conds = conditions(plan, n_heads, seed=int(cfg.seed))
+
+    def provenance() -> dict:
+        return {"head_ablation": {
+            "cma_dir": str(st.cma_dir),
+            "mean_samples": min(st.mean_samples, len(ctx.samples)) if st.ablation == "mean" else 0,
+            "top_heads": {t: [list(h) for h in top_heads(r, N_TOP_LISTED)] for t, r in plan.ranks.items()},
+        }}
+
+    results = ctx.run_conditions(conds, list(st.tasks), provenance=provenance)
+    report(results, ctx.run_dir, plan=plan, names=[c.name for c in conds], cfg=cfg)
 
 
 # --------------------------------------------------------------------------- table and figure
@@ -425,11 +362,11 @@ def plot_head_ablation(table: pd.DataFrame, path: Path, title: str = "") -> None
     plt.close(fig)
 
 
-def report(results: pd.DataFrame, run_dir: Path, *, plan: Plan, cfg: Any) -> str:
+def report(results: pd.DataFrame, run_dir: Path, *, plan: Plan, names: Sequence[str], cfg: Any) -> str:
     """The markdown (table + rankings) and the figure from the stored rows; returns (and prints) the markdown."""
     run_dir = Path(run_dir)
     st = plan.st
-    table = ablation_table(results, plan.names())
+    table = ablation_table(results, names)
     text = "\n".join([
         "# Head ablation (Fig. 5)",
         "",

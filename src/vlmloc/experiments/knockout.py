@@ -29,17 +29,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pandas as pd
 
 from vlmloc.app import RunContext
-from vlmloc.data.sample import Sample
-from vlmloc.engine.knockout import Knockout, post_image_queries
-from vlmloc.evaluation import BASELINE, Condition, max_new_tokens
-from vlmloc.models.layout import VisualLayout
+from vlmloc.conditions import BASELINE, BlockAttention, Condition, ObjectTokens, RandomTokens
 from vlmloc.experiments.reporting import task_columns
+from vlmloc.models.loading import lm_shape
 from vlmloc.results import add_baseline_delta, atomic_write, summarize, to_markdown
-from vlmloc.selection import RANDOM_FROM, object_positions, random_positions, row_rng
+from vlmloc.selection import RANDOM_FROM
 
 log = logging.getLogger("vlmloc.experiments.knockout")
 
@@ -93,17 +90,6 @@ def check_config(cfg: Any) -> None:
         )
 
 
-def lm_layer_count(model_cfg: Any) -> int:
-    """The LM's depth from the config alone (no weights): the tiny build's text config, or the
-    checkpoint's config.json. Condition names depend on it, and a finished run must not load the model."""
-    if model_cfg.path is None:
-        return int(model_cfg.tiny.text.num_hidden_layers)
-    from transformers import AutoConfig
-
-    hf_cfg = AutoConfig.from_pretrained(str(model_cfg.path), revision=model_cfg.revision)
-    return int(hf_cfg.text_config.num_hidden_layers)
-
-
 # --------------------------------------------------------------------------- conditions
 
 
@@ -138,55 +124,28 @@ def condition_name(keys: str, layer_set: LayerSet) -> str:
     return f"knockout:{keys}:{layer_set.label}"
 
 
-def key_positions(keys: str, sample: Sample, layout: VisualLayout, seed: int, random_from: str = "image") -> np.ndarray:
-    """The key set of one row: the object's tokens, or as many random visual tokens (seeded per
-    sample, from the image area or every token: `random_from`)."""
-    obj = object_positions(layout, sample, 0)
+def key_tokens(keys: str, seed: int, random_from: str = "image") -> ObjectTokens | RandomTokens:
+    """The key set: the object's tokens, or as many random visual tokens (seeded per sample, from
+    the image area or every token: `random_from`; the same draw for every layer set)."""
     if keys == "object":
-        return obj
+        return ObjectTokens()
     if keys == "random":
-        return random_positions(layout, len(obj), row_rng(seed, sample.sample_id, "knockout", "random"), sample, random_from)
+        return RandomTokens(seed, ("knockout", "random"), among=random_from)
     raise ValueError(f"unknown knockout key set {keys!r}; expected one of {KEY_SETS}")
-
-
-def query_positions(queries: str, layout: VisualLayout, seq_len: int, new_tokens: int) -> np.ndarray:
-    """post_image: every position after the image span, the generated answer's positions included."""
-    if queries == "post_image":
-        return post_image_queries(layout.positions, seq_len, extra=new_tokens)
-    raise ValueError(f"unknown knockout query set {queries!r}; expected one of {QUERY_SETS}")
-
-
-def knockout_condition(
-    keys: str, layer_set: LayerSet, *, seed: int, new_tokens: Mapping[str, int], queries: str = "post_image",
-    random_from: str = "image",
-) -> Condition:
-    """Block `queries` -> `keys` in `layer_set`. new_tokens: task -> tokens its call may generate."""
-
-    def spec(sample: Sample, layout: VisualLayout, task: str, seq_len: int) -> Knockout:
-        q = query_positions(queries, layout, seq_len, int(new_tokens[task]))
-        return Knockout.make(q, key_positions(keys, sample, layout, seed, random_from), layer_set.layers)
-
-    columns = {"keys": keys, "layers": layer_set.label.split("=")[1], "layer_first": layer_set.first, "layer_last": layer_set.last}
-    return Condition(condition_name(keys, layer_set), knockout=spec, columns=columns)
 
 
 BASELINE_COLUMNS = {"keys": "none", "layers": "", "layer_first": -1, "layer_last": -1}
 
 
-def build_conditions(n_layers: int, st: Settings, *, seed: int, new_tokens: Mapping[str, int]) -> list[Condition]:
+def conditions(n_layers: int, st: Settings, *, seed: int) -> list[Condition]:
     """baseline, then per key set: the layer windows, then the single layers."""
     conds = [Condition(BASELINE.name, columns=BASELINE_COLUMNS)]
     for keys in st.key_sets:
         for ls in layer_sets(n_layers, st.window, st.include_single_layers):
-            conds.append(knockout_condition(keys, ls, seed=seed, new_tokens=new_tokens, queries=st.query_set,
-                                            random_from=st.random_from))
+            block = BlockAttention(key_tokens(keys, seed, st.random_from), tuple(ls.layers), st.query_set)
+            columns = {"keys": keys, "layers": ls.label.split("=")[1], "layer_first": ls.first, "layer_last": ls.last}
+            conds.append(Condition(condition_name(keys, ls), (block,), columns))
     return conds
-
-
-def condition_names(n_layers: int, st: Settings) -> list[str]:
-    """The names build_conditions gives (cheap: no model needed)."""
-    sets = layer_sets(n_layers, st.window, st.include_single_layers)
-    return [BASELINE.name, *(condition_name(k, ls) for k in st.key_sets for ls in sets)]
 
 
 # --------------------------------------------------------------------------- run
@@ -195,23 +154,10 @@ def condition_names(n_layers: int, st: Settings) -> list[str]:
 def run(ctx: RunContext) -> None:
     cfg = ctx.cfg
     st = settings(cfg)
-    n_layers = lm_layer_count(cfg.model)
-    names = condition_names(n_layers, st)
-    done = ctx.store.done_keys()
-    todo = [s for s in ctx.samples if any((s.sample_id, t, c) not in done for t in st.tasks for c in names)]
-    if todo:
-        ad = ctx.adapter
-        if ad.n_layers != n_layers:
-            raise RuntimeError(f"model config says {n_layers} LM layers, the loaded model has {ad.n_layers}")
-        new_tokens = {t: max_new_tokens(ad, t) for t in st.tasks}
-        conditions = build_conditions(n_layers, st, seed=int(cfg.seed), new_tokens=new_tokens)
-        assert [c.name for c in conditions] == names, "condition_names out of sync with build_conditions"
-        log.info("knockout: %d conditions x %d tasks on %d of %d samples", len(names), len(st.tasks), len(todo), len(ctx.samples))
-        ctx.evaluate(todo, list(st.tasks), conditions=conditions, skip=done)
-        ctx.write_provenance()
-    else:
-        log.info("all conditions already evaluated in %s: nothing to do", ctx.run_dir)
-    report(ctx.store.load(), ctx.run_dir, names=names, cfg=cfg)
+    n_layers, _ = lm_shape(cfg.model)
+    conds = conditions(n_layers, st, seed=int(cfg.seed))
+    results = ctx.run_conditions(conds, list(st.tasks))
+    report(results, ctx.run_dir, names=[c.name for c in conds], cfg=cfg)
 
 
 # --------------------------------------------------------------------------- table and figure

@@ -34,7 +34,8 @@ from omegaconf import OmegaConf
 from vlmloc.app import RunContext
 from vlmloc.data.pairs import inpainted_name, read_manifest, sample_record, write_manifest
 from vlmloc.data.sample import Sample
-from vlmloc.evaluation import Condition, evaluate
+from vlmloc.conditions import Condition
+from vlmloc.evaluation import evaluate
 from vlmloc.inpaint import Inpainter, build_inpainter
 from vlmloc.results import RUN_JSON_FILE, atomic_write, to_markdown, write_run_json
 

@@ -28,16 +28,12 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-import torch
 
 from vlmloc.app import RunContext
-from vlmloc.data.sample import Sample
-from vlmloc.engine.token_edits import TokenEdit
-from vlmloc.evaluation import BASELINE, Condition
+from vlmloc.conditions import BASELINE, Condition, ObjectTokens, Replace
 from vlmloc.experiments.extension import layout_for_size
-from vlmloc.models.layout import GLOBAL, LOCAL, VisualLayout
+from vlmloc.models.layout import GLOBAL, LOCAL
 from vlmloc.results import add_baseline_delta, atomic_write, summarize, to_markdown
-from vlmloc.selection import object_positions
 
 log = logging.getLogger("vlmloc.experiments.view_ablation")
 
@@ -67,32 +63,16 @@ def condition_name(view: str) -> str:
     return f"object_tokens:view={view}"
 
 
-def view_edits(layout: VisualLayout, sample: Sample, view: str, mean: torch.Tensor) -> list[TokenEdit]:
-    """Replace the object's tokens of one view ("global", "local" or "both") with `mean` [hidden]."""
-    if view not in VIEWS:
-        raise ValueError(f"unknown view {view!r}; expected one of {VIEWS}")
-    dst = object_positions(layout, sample, 0, None if view == "both" else view)
-    return [TokenEdit.replace(dst, mean)] if len(dst) else []
-
-
-def view_conditions(mean: torch.Tensor, views: Sequence[str] = VIEWS) -> list[Condition]:
-    """The clean baseline plus one condition per view; column `view` on every row ("none" for baseline)."""
-    if mean.ndim != 1:
-        raise ValueError(f"the mean visual embedding must be a vector [hidden], got shape {tuple(mean.shape)}")
-    conditions = [Condition(BASELINE.name, None, {"view": "none"})]
+def view_conditions(views: Sequence[str] = VIEWS) -> list[Condition]:
+    """The clean baseline plus one condition per view, replacing the object's tokens (p = 0) of that
+    view ("global", "local" or "both") with the mean visual embedding; column `view` ("none" for baseline)."""
+    conditions = [Condition(BASELINE.name, (), {"view": "none"})]
     for view in views:
         if view not in VIEWS:
             raise ValueError(f"unknown view {view!r} in experiment.views; expected a subset of {VIEWS}")
-
-        def edits(sample: Sample, layout: VisualLayout, task: str, view: str = view) -> list[TokenEdit]:
-            return view_edits(layout, sample, view, mean)
-
-        conditions.append(Condition(condition_name(view), edits, {"view": view}))
+        tokens = ObjectTokens(0, None if view == "both" else view)
+        conditions.append(Condition(condition_name(view), (Replace(tokens),), {"view": view}))
     return conditions
-
-
-def condition_names(views: Sequence[str]) -> list[str]:
-    return [BASELINE.name, *(condition_name(v) for v in views)]
 
 
 # --------------------------------------------------------------------------- size bins and tables
@@ -221,20 +201,6 @@ def plot_views(long: pd.DataFrame, conditions: Sequence[str], labels: Sequence[s
 # --------------------------------------------------------------------------- run
 
 
-def load_mean_embedding(ctx: RunContext) -> torch.Tensor:
-    """The mean visual embedding [hidden] from the engine's cache (imported lazily)."""
-    try:
-        from vlmloc.engine.mean_embedding import mean_visual_embedding
-    except ModuleNotFoundError as err:
-        if err.name != "vlmloc.engine.mean_embedding":
-            raise
-        raise RuntimeError(
-            "view_ablation needs vlmloc.engine.mean_embedding (the cached mean visual embedding), "
-            "which this checkout does not have yet"
-        ) from None
-    return mean_visual_embedding(ctx)
-
-
 def _settings(cfg: Any) -> tuple[list[str], list[str], list[float], list[str]]:
     exp = cfg.experiment
     views = [str(v) for v in exp.views]
@@ -250,26 +216,27 @@ def run(ctx: RunContext) -> None:
     cfg = ctx.cfg
     check_config(cfg)
     views, tasks, edges, labels = _settings(cfg)
-    names = condition_names(views)
-    done = ctx.store.done_keys()
-    todo = [s for s in ctx.samples if any((s.sample_id, t, c) not in done for t in tasks for c in names)]
-    if todo:
-        log.info("view ablation %s: evaluating %d of %d samples", views, len(todo), len(ctx.samples))
-        mean = load_mean_embedding(ctx)
-        conditions = view_conditions(mean, views)
-        tiles = {s.sample_id: layout_for_size(ctx.adapter, s.width, s.height).n_tiles for s in todo}
+    conditions = view_conditions(views)
+    size = {s.sample_id: (s.width, s.height) for s in ctx.samples}
+    tiles: dict[tuple[int, int], int] = {}
 
-        def view_columns(df):
-            df["n_tiles"] = df["sample_id"].map(tiles).astype("int64")
-            df["has_thumbnail"] = df["n_tiles"] > 1
-            df["size_bin"] = size_bins(df["area_frac"], edges, labels)
-            return df
+    def n_tiles(sid: str) -> int:
+        if size[sid] not in tiles:
+            tiles[size[sid]] = layout_for_size(ctx.adapter, *size[sid]).n_tiles
+        return tiles[size[sid]]
 
-        ctx.evaluate(todo, tasks, conditions=conditions, skip=done, columns=view_columns)
-        ctx.write_provenance(mean_embedding={"norm": float(mean.float().norm()), "hidden": int(mean.shape[0])})
-    else:
-        log.info("all samples already evaluated in %s: nothing to do", ctx.run_dir)
-    report(ctx.store.load(), ctx.run_dir, names=names, edges=edges, labels=labels, cfg=cfg)
+    def view_columns(df: pd.DataFrame) -> pd.DataFrame:
+        df["n_tiles"] = df["sample_id"].map(n_tiles).astype("int64")
+        df["has_thumbnail"] = df["n_tiles"] > 1
+        df["size_bin"] = size_bins(df["area_frac"], edges, labels)
+        return df
+
+    def provenance() -> dict:
+        mean = ctx.resources["mean_embedding"]
+        return {"mean_embedding": {"norm": float(mean.float().norm()), "hidden": int(mean.shape[0])}}
+
+    results = ctx.run_conditions(conditions, tasks, columns=view_columns, provenance=provenance)
+    report(results, ctx.run_dir, names=[c.name for c in conditions], edges=edges, labels=labels, cfg=cfg)
 
 
 def report(df: pd.DataFrame, run_dir: Path, *, names: Sequence[str], edges: Sequence[float], labels: Sequence[str], cfg: Any) -> str:

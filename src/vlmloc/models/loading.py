@@ -181,3 +181,16 @@ def _model_class(family: str) -> type:
     from transformers import InternVLForConditionalGeneration, LlavaForConditionalGeneration
 
     return {"llava": LlavaForConditionalGeneration, "internvl": InternVLForConditionalGeneration}[family]
+
+
+def lm_shape(model_cfg: Any) -> tuple[int, int]:
+    """(LM layers, attention heads per layer) from the config alone, no weights: the tiny build's
+    text config or the checkpoint's config.json. Condition grids depend on them, and a finished
+    run must not load the model."""
+    if model_cfg.path is None:
+        text = model_cfg.tiny.text
+        return int(text.num_hidden_layers), int(text.num_attention_heads)
+    from transformers import AutoConfig
+
+    text = AutoConfig.from_pretrained(str(model_cfg.path), revision=model_cfg.revision).text_config
+    return int(text.num_hidden_layers), int(text.num_attention_heads)

@@ -1,0 +1,100 @@
+"""The named inputs that conditions read, computed once per run when a condition first needs one.
+
+| name | value | settings |
+|---|---|---|
+| `mean_embedding` | [hidden] mean projector output (cached across runs, `engine.mean_embedding`) | `mean_embedding.n_images` |
+| `register_scores` | sample_id -> [n_visual] vision-feature norm of each token (the projector input) | |
+| `integrated_gradients` | (sample_id, task) -> [n_visual] attribution of the clean answer | `experiment.integrated_gradients` |
+| `head_means` | task -> `HeadMeans` of clean runs of the first samples | `experiment.mean_samples`, `experiment.answer_mean`, `experiment.tasks` |
+
+Integrated gradients attribute the clean run's answers: its provider reads the run's stored
+baseline rows, so an experiment using it evaluates the baseline first.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from tqdm.auto import tqdm
+
+from vlmloc.conditions import BASELINE, Resources
+from vlmloc.data.sample import Sample
+from vlmloc.engine.attribution import integrated_gradients
+from vlmloc.engine.head_means import HeadMeans, head_means
+from vlmloc.engine.mean_embedding import mean_visual_embedding
+from vlmloc.engine.visual_features import iter_unique_images, projector_io
+from vlmloc.models.adapter import VLMAdapter
+
+log = logging.getLogger("vlmloc.resources")
+
+
+def register_scores(adapter: VLMAdapter, samples: list[Sample], batch_size: int) -> dict[str, np.ndarray]:
+    """Per sample: [n_visual] L2 norm of each token's vision features (the projector input)."""
+    out, t0 = {}, time.monotonic()
+    chunks = list(iter_unique_images(samples, batch_size))
+    for chunk in tqdm(chunks, desc="register scores", disable=not chunks):
+        batch = adapter.prepare([s.load_image() for s in chunk], [adapter.prompt("classification", s.category) for s in chunk])
+        ins, _ = projector_io(adapter, batch)
+        for s, feats in zip(chunk, ins):
+            out[s.image_id] = feats.norm(dim=-1).numpy()
+    log.info("register scores: %d images in %.1f s", len(out), time.monotonic() - t0)
+    return {s.sample_id: out[s.image_id] for s in samples}
+
+
+def ig_scores(adapter: VLMAdapter, samples: list[Sample], tasks: list[str], clean: pd.DataFrame, ig: Any,
+              mean: Any) -> dict[tuple[str, str], np.ndarray]:
+    """Per (sample, task): IG attribution of log P(yes)/(P(yes)+P(no)) (classification) or of the
+    clean box answer's teacher-forced log-probability (localization). ig: experiment.integrated_gradients."""
+    baseline = mean if str(ig.baseline) == "mean" else None
+    answers = clean.set_index(["sample_id", "task"])["answer"]
+    out, t0 = {}, time.monotonic()
+    for s in tqdm(samples, desc=f"integrated gradients ({int(ig.steps)} steps)", disable=not samples):
+        image = s.load_image()
+        for task in tasks:
+            answer = None
+            if task == "localization":
+                text = str(answers.get((s.sample_id, task), "") or "")
+                answer = (str(adapter.cfg.classification.answer_prefix) + text) if text else None
+                if answer is None:  # no clean answer to attribute: rank nothing above random
+                    out[(s.sample_id, task)] = np.zeros(adapter.n_visual_tokens(s.width, s.height))
+                    continue
+            attr, _, _ = integrated_gradients(
+                adapter, image, adapter.prompt(task, s.category), answer=answer, baseline=baseline,
+                steps=int(ig.steps), batch_size=int(ig.batch_size),
+            )
+            out[(s.sample_id, task)] = np.abs(attr) if str(ig.rank_by) == "abs" else attr
+    log.info("integrated gradients: %d samples x %d tasks in %.1f s", len(samples), len(tasks), time.monotonic() - t0)
+    return out
+
+
+def _head_means(ctx: Any) -> dict[str, HeadMeans]:
+    exp = ctx.cfg.experiment
+    n = int(exp.mean_samples)
+    ref = ctx.samples[:n]
+    log.info("head means over %d reference samples per task", len(ref))
+    return {str(t): head_means(ctx.adapter, ref, str(t), n, batch_size=int(ctx.cfg.batch_size), answer_mean=str(exp.answer_mean))
+            for t in exp.tasks}
+
+
+def _ig(ctx: Any) -> dict[tuple[str, str], np.ndarray]:
+    rows = ctx.store.load()
+    clean = rows[rows["condition"] == BASELINE.name]
+    return ig_scores(ctx.adapter, ctx.samples, list(ctx.cfg.tasks), clean, ctx.cfg.experiment.integrated_gradients,
+                     ctx.resources["mean_embedding"])
+
+
+def run_resources(ctx: Any) -> Resources:
+    """The resources of a run (`app.RunContext`), each computed on first use."""
+    providers: dict[str, Callable[[], Any]] = {
+        "adapter": lambda: ctx.adapter,
+        "mean_embedding": lambda: mean_visual_embedding(ctx),
+        "register_scores": lambda: register_scores(ctx.adapter, ctx.samples, int(ctx.cfg.batch_size)),
+        "integrated_gradients": lambda: _ig(ctx),
+        "head_means": lambda: _head_means(ctx),
+    }
+    return Resources(providers)
