@@ -21,6 +21,7 @@ from vlmloc.assets import ASSETS_DIR
 from vlmloc.data import load_samples
 from vlmloc.engine.visual_features import iter_unique_images, projector_io
 from vlmloc.evaluation import evaluate
+from vlmloc.conditions import Resources
 from vlmloc.experiments.token_ablation import object_condition, random_condition
 from vlmloc.models import load_adapter
 from vlmloc.models.internvl import InternVLAdapter
@@ -136,7 +137,7 @@ def test_ablating_object_tokens_hurts_localization_far_more_than_random_tokens(d
             count += feats.shape[0]
     mean = (total / count).float()
     df = evaluate(adapter, samples, ["localization"], batch_size=16, progress=False,
-                  conditions=[object_condition(0, mean), random_condition(0, mean)])
+                  conditions=[object_condition(0), random_condition(0)], resources=Resources(mean_embedding=mean))
     clean = _loc(baseline[baseline.task == "localization"])["loc"]
     obj = _loc(df[df.condition == "object_tokens"])["loc"]
     rnd = _loc(df[df.condition == "random_tokens"])["loc"]

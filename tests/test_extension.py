@@ -11,10 +11,16 @@ import torch
 
 from conftest import compose_cfg, noise_image
 from vlmloc import app, geometry
+from vlmloc.conditions import Resources, realize
 from vlmloc.data.sample import Sample
 from vlmloc.engine.token_edits import edit_lm_input
 from vlmloc.experiments import extension as ext
 from vlmloc.models import GLOBAL, LOCAL
+
+
+def _edits(cond, sample, layout, task, **named):
+    """The LM-input edits `cond` realizes to for one row (named: the resources it reads)."""
+    return realize(cond, sample, layout, task, 0, Resources(**named)).edits
 
 
 def make_sample(tmp_path, width, height, polygon, sid="s0", seed=0, category="cat"):
@@ -83,7 +89,7 @@ def test_extension_fills_only_the_ring_with_object_tokens_of_the_same_view(famil
         [ad.prompt("localization", "cat" if i % 2 else "a very long category name") for i, _ in enumerate(items)],
     )
     assert (batch.inputs["attention_mask"] == 0).any()
-    edits = [c.edits(s, lay, "localization") for (s, c), lay in zip(items, batch.layouts)]
+    edits = [_edits(c, s, lay, "localization") for (s, c), lay in zip(items, batch.layouts)]
     clean, edited = lm_input(ad, batch, edits)
     for row, ((sample, cond), lay) in enumerate(zip(items, batch.layouts)):
         p = cond.columns["pad"]
@@ -107,11 +113,11 @@ def test_extension_draws_are_seeded_per_sample_and_p(tiny_internvl, tmp_path):
     s = make_sample(tmp_path, 900, 300, CASES["tiny_internvl"][0][2])
     lay = ext.layout_for_size(tiny_internvl, 900, 300)
     c1, c2 = ext.extension_conditions(seed=0, pads=[1, 2])
-    a, b = c1.edits(s, lay, "localization"), c1.edits(s, lay, "classification")
+    a, b = _edits(c1, s, lay, "localization"), _edits(c1, s, lay, "classification")
     assert [e.src.tolist() for e in a] == [e.src.tolist() for e in b]  # same draws in any batch, any task
     assert ext.extension_conditions(seed=0, pads=[0])[0].name == "baseline"
     assert (c1.name, c2.name) == ("extension:p=1", "extension:p=2")
-    other = ext.extension_conditions(seed=1, pads=[1])[0].edits(s, lay, "localization")
+    other = _edits(ext.extension_conditions(seed=1, pads=[1])[0], s, lay, "localization")
     assert [e.src.tolist() for e in a] != [e.src.tolist() for e in other]
 
 

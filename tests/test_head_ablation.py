@@ -16,11 +16,18 @@ from vlmloc import app
 from vlmloc.data.sample import Sample
 from vlmloc.engine.head_means import head_means
 from vlmloc.engine.heads import capture_heads, edit_heads
-from vlmloc.evaluation import BASELINE, evaluate
+from vlmloc.conditions import BASELINE, AblateHeads, Condition, Resources, realize
+from vlmloc.evaluation import evaluate
 from vlmloc.experiments import head_ablation as ha
-from vlmloc.experiments.head_ablation import HeadAblation, Plan, rank_heads, random_heads
+from vlmloc.experiments.head_ablation import Plan, rank_heads, random_heads
 
 TASK = "classification"
+
+
+def _ablate(ad, kind, means, heads, sample, layout, seq_len):
+    """The head edits a condition ablating `heads` on TASK realizes to for one row."""
+    cond = Condition("heads", (AblateHeads(((TASK, tuple(heads)),), kind),))
+    return realize(cond, sample, layout, TASK, seq_len, Resources(adapter=ad, head_means=means)).heads
 
 
 def _sample(tmp_path, sid: str, category: str, seed: int) -> Sample:
@@ -109,19 +116,19 @@ def test_mean_ablation_with_a_one_sample_mean_reproduces_that_run(tiny_llava, tw
     ad = tiny_llava
     s1, s2 = two_samples
     heads = [(layer, head) for layer in range(ad.n_layers) for head in range(ad.n_heads)]
-    own = HeadAblation(ad, "mean", {TASK: head_means(ad, [s1], TASK, 1)})
+    own = {TASK: head_means(ad, [s1], TASK, 1)}
     single = ad.prepare([s1.load_image()], [ad.prompt(TASK, s1.category)])
     clean = _logits(ad, single)
     lay = single.layouts[0]
-    assert torch.equal(_logits(ad, single, [own.edits(heads, TASK, lay, single.seq_len)]), clean)
+    assert torch.equal(_logits(ad, single, [_ablate(ad, "mean", own, heads, s1, lay, single.seq_len)]), clean)
     # another sample's mean, or zero, changes the run: the check above can fail
-    other = HeadAblation(ad, "mean", {TASK: head_means(ad, [s2], TASK, 1)})
-    assert (_logits(ad, single, [other.edits(heads, TASK, lay, single.seq_len)]) - clean).abs().max() > 1e-3
-    assert (_logits(ad, single, [HeadAblation(ad, "zero").edits(heads[:2], TASK, lay, single.seq_len)]) - clean).abs().max() > 1e-4
+    other = {TASK: head_means(ad, [s2], TASK, 1)}
+    assert (_logits(ad, single, [_ablate(ad, "mean", other, heads, s1, lay, single.seq_len)]) - clean).abs().max() > 1e-3
+    assert (_logits(ad, single, [_ablate(ad, "zero", None, heads[:2], s1, lay, single.seq_len)]) - clean).abs().max() > 1e-4
     # left padded inside a batch (s1's prompt is the shorter one): still its own run at its real positions
     batch = ad.prepare([s1.load_image(), s2.load_image()], [ad.prompt(TASK, s.category) for s in two_samples])
     assert batch.seq_len > single.seq_len
-    ablated = _logits(ad, batch, [own.edits(heads, TASK, batch.layouts[0], batch.seq_len), []])
+    ablated = _logits(ad, batch, [_ablate(ad, "mean", own, heads, s1, batch.layouts[0], batch.seq_len), []])
     torch.testing.assert_close(ablated[0, -single.seq_len:], clean[0], atol=1e-5, rtol=1e-5)
 
 
@@ -129,11 +136,18 @@ def test_per_row_head_conditions_in_one_batch_equal_one_at_a_time(tiny_llava, tw
     ad = tiny_llava
     st = ha.settings(compose_cfg("experiment=head_ablation", "experiment.cma_dir=unused", "experiment.ks=[1,3]"))
     plan = Plan({t: rank_heads(tiny_mf(), t) for t in ("classification", "localization")}, st)
-    ablation = HeadAblation(ad, "mean", {TASK: head_means(ad, two_samples, TASK, 2)})
-    conds = ha.build_conditions(plan, ablation, seed=0)
-    conds = [c for c in conds if c.name in (BASELINE.name, "heads:top:k=1", "heads:random:k=3", "heads:cls_critical:k=3")]
-    together = evaluate(ad, two_samples, [TASK], batch_size=8, conditions=conds, progress=False)
-    alone = pd.concat([evaluate(ad, [s], [TASK], batch_size=1, conditions=[c], progress=False) for s in two_samples for c in conds])
+    means = Resources(head_means={TASK: head_means(ad, two_samples, TASK, 2)})
+    conds = ha.conditions(plan, ad.n_heads, seed=0)
+    (cls3,) = [c for c in conds if c.name == "heads:cls_critical:k=3"]
+    assert cls3.tasks == ("localization",) and cls3.interventions == (
+        AblateHeads((("localization", tuple(ha.top_heads(plan.ranks["classification"], 3))),), "mean"),)
+    assert evaluate(ad, two_samples, [TASK], batch_size=8, conditions=[cls3], progress=False).empty
+    # cls_critical is measured on localization only; here its heads are ablated on classification
+    conds = [c for c in conds if c.name in (BASELINE.name, "heads:top:k=1", "heads:random:k=3")] + [
+        Condition("cls_heads_on_cls", (AblateHeads(((TASK, tuple(ha.top_heads(plan.ranks["classification"], 3))),)),))]
+    together = evaluate(ad, two_samples, [TASK], batch_size=8, conditions=conds, progress=False, resources=means)
+    alone = pd.concat([evaluate(ad, [s], [TASK], batch_size=1, conditions=[c], progress=False, resources=means)
+                       for s in two_samples for c in conds])
     merged = together.merge(alone, on=["sample_id", "condition"], suffixes=("", "_alone"))
     assert len(merged) == 8
     np.testing.assert_allclose(merged["p_yes"], merged["p_yes_alone"], atol=1e-5)

@@ -10,7 +10,6 @@ import sys
 import time
 
 import pandas as pd
-import pytest
 
 from conftest import compose_cfg
 from vlmloc import app

@@ -15,9 +15,10 @@ from vlmloc import app
 from vlmloc.data.sample import Sample
 from vlmloc.engine.knockout import Knockout, knockout, post_image_queries
 from vlmloc.engine.runner import generate
-from vlmloc.evaluation import BASELINE, evaluate
+from vlmloc.conditions import Resources, realize
+from vlmloc.evaluation import evaluate
 from vlmloc.experiments import knockout as ko_exp
-from vlmloc.experiments.knockout import LayerSet, knockout_condition, layer_sets
+from vlmloc.experiments.knockout import layer_sets
 
 SHORT, LONG = "cat", "a rather long traffic light"
 
@@ -102,11 +103,12 @@ def test_knockout_blocking_every_key_of_a_query_raises(tiny_llava):
 def test_knockout_blocks_generated_positions_at_decode_steps(tiny_llava, tmp_path):
     ad = tiny_llava
     sample = _sample(tmp_path)
-    cond = knockout_condition("object", LayerSet(0, 0, single=True), seed=0, new_tokens={"localization": 4})
+    (cond,) = [c for c in ko_exp.conditions(1, ko_exp.settings(compose_cfg("experiment=knockout")), seed=0)
+               if c.name == "knockout:object:layer=0"]
     images = [sample.load_image(), noise_image(300, 200, 1)]
     batch = ad.prepare(images, [ad.prompt("localization", SHORT), ad.prompt("localization", LONG)])
     T = batch.seq_len
-    spec = cond.knockout(sample, batch.layouts[0], "localization", T)
+    spec = realize(cond, sample, batch.layouts[0], "localization", T, Resources(new_tokens={"localization": 4})).knockout
     assert set(range(T, T + 4)) <= set(spec.queries.tolist())
     assert spec.layers == {0} and len(spec.keys) == 56
     seen: dict[int, list[torch.Tensor]] = {0: [], 1: []}
@@ -138,12 +140,9 @@ def test_knockout_blocks_generated_positions_at_decode_steps(tiny_llava, tmp_pat
 def test_per_row_knockout_conditions_in_one_batch_equal_one_at_a_time(tiny_llava, tmp_path):
     ad = tiny_llava
     samples = [_sample(tmp_path, "1-1", SHORT), _sample(tmp_path, "2-1", LONG, box=(150, 100, 120, 90), seed=4)]
-    new = {"classification": 0}
-    conds = [
-        BASELINE,
-        knockout_condition("object", LayerSet(0, 1), seed=0, new_tokens=new),
-        knockout_condition("random", LayerSet(0, 1), seed=0, new_tokens=new),
-    ]
+    conds = [c for c in ko_exp.conditions(2, ko_exp.settings(compose_cfg("experiment=knockout")), seed=0)
+             if c.name in ("baseline", "knockout:object:layers=0-1", "knockout:random:layers=0-1")]
+    assert len(conds) == 3
     together = evaluate(ad, samples, ["classification"], batch_size=8, conditions=conds, progress=False)
     alone = pd.concat([evaluate(ad, [s], ["classification"], batch_size=1, conditions=[c], progress=False) for s in samples for c in conds])
     merged = together.merge(alone, on=["sample_id", "condition"], suffixes=("", "_alone"))
@@ -165,7 +164,7 @@ def test_layer_sets_and_condition_names():
     assert [s.label for s in sets] == ["layers=0-1", "layers=2-2", "layer=0", "layer=1", "layer=2"]
     assert list(sets[1].layers) == [2]
     st = ko_exp.settings(compose_cfg("experiment=knockout"))
-    names = ko_exp.condition_names(32, st)
+    names = [c.name for c in ko_exp.conditions(32, st, seed=0)]
     assert len(names) == 1 + 2 * (6 + 32) and names[1] == "knockout:object:layers=0-5" and names[-1] == "knockout:random:layer=31"
     for bad in ("experiment.key_sets=[object,nearby]", "experiment.window=0", "experiment.query_set=all",
                 "model.attn_implementation=flash_attention_2"):
@@ -183,7 +182,7 @@ def test_knockout_end_to_end(model, request, tmp_path, monkeypatch):
     run_dir = tmp_path / "run"
     app.run(cfg, run_dir)
     df = pd.read_parquet(run_dir / "results.parquet")
-    names = ko_exp.condition_names(2, ko_exp.settings(cfg))
+    names = [c.name for c in ko_exp.conditions(2, ko_exp.settings(cfg), seed=0)]
     assert names == ["baseline", "knockout:object:layers=0-1", "knockout:object:layer=0", "knockout:object:layer=1",
                      "knockout:random:layers=0-1", "knockout:random:layer=0", "knockout:random:layer=1"]
     assert list(pd.unique(df["condition"])) == names

@@ -12,9 +12,15 @@ from vlmloc.engine.attribution import integrated_gradients
 from vlmloc.engine.runner import generate, next_token_logprobs
 from vlmloc.engine.token_edits import TokenEdit, apply_edits, edit_lm_input
 from vlmloc.engine.visual_features import projector_io
-from vlmloc.experiments.knockout import key_positions as ko_key_positions
+from vlmloc.conditions import Resources, realize, select
+from vlmloc.experiments.knockout import key_tokens
 from vlmloc.experiments.shuffle import shuffle_condition
-from vlmloc.experiments.token_ablation import object_condition, random_condition, scored_condition
+from vlmloc.experiments.token_ablation import ig_condition, object_condition, random_condition, register_condition
+
+
+def _edits(cond, sample, layout, task, **named):
+    """The LM-input edits `cond` realizes to for one row (named: the resources it reads)."""
+    return realize(cond, sample, layout, task, 0, Resources(**named)).edits
 
 
 def _embeds(adapter, batch):
@@ -80,7 +86,7 @@ def test_shuffle_keeps_the_multiset_and_one_token_object_is_unchanged(tiny_inter
     clean, _ = _embeds(ad, batch)
     lay = batch.layouts[0]
     glob, obj = shuffle_condition("global", 0), shuffle_condition("object", 0)
-    edits = [glob.edits(sample, lay, "classification"), obj.edits(sample, batch.layouts[1], "classification")]
+    edits = [_edits(glob, sample, lay, "classification"), _edits(obj, sample, batch.layouts[1], "classification")]
     out = apply_edits(clean, edits)
     for row in (0, 1):
         before = clean[row, torch.as_tensor(lay.positions)]
@@ -95,7 +101,7 @@ def test_shuffle_keeps_the_multiset_and_one_token_object_is_unchanged(tiny_inter
     # a one-token object: its "shuffle" is the identity
     tiny = _square_sample(tmp_path, 448, 448, (30, 30, 4, 4))  # inside token (1, 1) of the single 28 px tile cell
     b1 = ad.prepare([tiny.load_image()], [ad.prompt("classification", "cat")])
-    e1 = obj.edits(tiny, b1.layouts[0], "classification")
+    e1 = _edits(obj, tiny, b1.layouts[0], "classification")
     assert e1[0].n == 1
     c1, _ = _embeds(ad, b1)
     assert torch.equal(apply_edits(c1, [e1]), c1)
@@ -110,14 +116,14 @@ def test_object_shuffle_keeps_each_token_in_its_own_tile(tiny_internvl, tmp_path
     tile_at = dict(zip(lay.positions.tolist(), lay.tile.tolist()))
     sel = lay.object_tokens(sample.mask())
     assert len(set(lay.tile[sel].tolist())) >= 3 and "global" in set(lay.view[sel].tolist())
-    (edit,) = shuffle_condition("object", 0).edits(sample, lay, "classification")
+    (edit,) = _edits(shuffle_condition("object", 0), sample, lay, "classification")
     assert sorted(edit.dst.tolist()) == sorted(lay.positions[sel].tolist())
     assert [tile_at[p] for p in edit.src.tolist()] == [tile_at[p] for p in edit.dst.tolist()]
     assert (edit.src != edit.dst).mean() > 0.5  # a real permutation inside each tile
     for t in set(lay.tile[sel].tolist()):  # the same multiset per tile
         in_t = [i for i, p in enumerate(edit.dst.tolist()) if tile_at[p] == t]
         assert sorted(edit.src[in_t].tolist()) == sorted(edit.dst[in_t].tolist())
-    (mixed,) = shuffle_condition("object", 0, within="image").edits(sample, lay, "classification")
+    (mixed,) = _edits(shuffle_condition("object", 0, within="image"), sample, lay, "classification")
     assert any(tile_at[s] != tile_at[d] for s, d in zip(mixed.src.tolist(), mixed.dst.tolist()))
     with pytest.raises(ValueError, match="within"):
         shuffle_condition("object", 0, within="view")
@@ -127,15 +133,15 @@ def test_per_row_conditions_in_one_batch_equal_one_at_a_time(tiny_llava, tmp_pat
     ad = tiny_llava
     sample = _square_sample(tmp_path)
     mean = torch.randn(ad.text_config.hidden_size)
-    conds = [object_condition(0, mean), object_condition(2, mean), random_condition(0, mean), shuffle_condition("global", 0)]
+    conds = [object_condition(0), object_condition(2), random_condition(0), shuffle_condition("global", 0)]
     image, text = sample.load_image(), ad.prompt("classification", "cat")
     batch = ad.prepare([image] * len(conds), [text] * len(conds))
-    edits = [c.edits(sample, lay, "classification") for c, lay in zip(conds, batch.layouts)]
+    edits = [_edits(c, sample, lay, "classification", mean_embedding=mean) for c, lay in zip(conds, batch.layouts)]
     with edit_lm_input(ad, edits):
         together = next_token_logprobs(ad, batch)
     for i, c in enumerate(conds):
         single = ad.prepare([image], [text])
-        with edit_lm_input(ad, [c.edits(sample, single.layouts[0], "classification")]):
+        with edit_lm_input(ad, [_edits(c, sample, single.layouts[0], "classification", mean_embedding=mean)]):
             alone = next_token_logprobs(ad, single)
         torch.testing.assert_close(together[i], alone[0], atol=1e-5, rtol=1e-5)
     assert not torch.allclose(together[0], together[1])  # the conditions really differ
@@ -146,32 +152,34 @@ def test_selection_counts_and_register_rule(tiny_llava, tmp_path):
     sample = _square_sample(tmp_path)
     lay = ad.prepare([sample.load_image()], [ad.prompt("classification", "cat")]).layouts[0]
     mean = torch.zeros(1)
-    obj = object_condition(0, mean).edits(sample, lay, "classification")[0]
+    obj = _edits(object_condition(0), sample, lay, "classification", mean_embedding=mean)[0]
     # padded square 300x300 (offset 50 in y), cell 12.5 px: box x 60..150 -> cols 4..11 (150 is an edge),
     # y 40..120 -> 90..170 on the square -> rows 7..13
     assert obj.n == 8 * 7
-    rnd = random_condition(0, mean).edits(sample, lay, "classification")[0]
+    rnd = _edits(random_condition(0), sample, lay, "classification", mean_embedding=mean)[0]
     assert rnd.n == obj.n and len(set(rnd.dst)) == obj.n
-    assert np.array_equal(rnd.dst, random_condition(0, mean).edits(sample, lay, "classification")[0].dst)
-    assert not np.array_equal(rnd.dst, random_condition(1, mean).edits(sample, lay, "classification")[0].dst)
+    assert np.array_equal(rnd.dst, _edits(random_condition(0), sample, lay, "classification", mean_embedding=mean)[0].dst)
+    assert not np.array_equal(rnd.dst, _edits(random_condition(1), sample, lay, "classification", mean_embedding=mean)[0].dst)
     # random tokens come from the image area: 300x200 on the 300x300 square, y offset 50, cells of
     # 12.5 px, so token rows 4..19 hold image pixels and rows 0-3, 20-23 only the grey padding
     row_of = dict(zip(lay.positions.tolist(), lay.row.tolist()))
     image_rows, anywhere = set(), set()
     for seed in range(30):
-        image_rows |= {row_of[p] for p in random_condition(seed, mean).edits(sample, lay, "classification")[0].dst.tolist()}
-        anywhere |= {row_of[p] for p in random_condition(seed, mean, "all").edits(sample, lay, "classification")[0].dst.tolist()}
-        keys = ko_key_positions("random", sample, lay, seed)
+        image_rows |= {row_of[p] for p in _edits(random_condition(seed), sample, lay, "classification", mean_embedding=mean)[0].dst.tolist()}
+        anywhere |= {row_of[p] for p in _edits(random_condition(seed, "all"), sample, lay, "classification", mean_embedding=mean)[0].dst.tolist()}
+        keys = select(key_tokens("random", seed), sample, lay, "classification", Resources())
         assert len(keys) == obj.n and {row_of[p] for p in keys.tolist()} <= set(range(4, 20))
     assert image_rows == set(range(4, 20)) and anywhere > image_rows
     with pytest.raises(ValueError, match="image"):
-        random_condition(0, mean, "padding").edits(sample, lay, "classification")
+        _edits(random_condition(0, "padding"), sample, lay, "classification")
     scores = np.ones(576)
     scores[[3, 100, 200]] = [10.0, 2.9, 3.0]  # median 1: factor 3 keeps norms >= 3
-    reg = scored_condition("register", {sample.sample_id: scores}, mean, per_task=False, top_k=False, factor=3.0)
-    assert reg.edits(sample, lay, "classification")[0].dst.tolist() == sorted(lay.positions[[3, 200]].tolist())
-    ig = scored_condition("integrated_gradients", {(sample.sample_id, "classification"): -np.arange(576.0)}, mean, per_task=True, top_k=True)
-    assert ig.edits(sample, lay, "classification")[0].dst.tolist() == lay.positions[:56].tolist()
+    reg = _edits(register_condition(3.0), sample, lay, "classification", mean_embedding=mean,
+                 register_scores={sample.sample_id: scores})
+    assert reg[0].dst.tolist() == sorted(lay.positions[[3, 200]].tolist())
+    ig = _edits(ig_condition(), sample, lay, "classification", mean_embedding=mean,
+                integrated_gradients={(sample.sample_id, "classification"): -np.arange(576.0)})
+    assert ig[0].dst.tolist() == lay.positions[:56].tolist()
 
 
 @pytest.mark.parametrize("family", ["tiny_llava", "tiny_internvl"])

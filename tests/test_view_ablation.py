@@ -12,8 +12,14 @@ import torch
 from conftest import compose_cfg
 from test_extension import lm_input, make_sample, reuse_adapter
 from vlmloc import app
+from vlmloc.conditions import Resources, realize
 from vlmloc.experiments import view_ablation as va
 from vlmloc.models import GLOBAL, LOCAL
+
+
+def _edits(cond, sample, layout, task, **named):
+    """The LM-input edits `cond` realizes to for one row (named: the resources it reads)."""
+    return realize(cond, sample, layout, task, 0, Resources(**named)).edits
 
 
 def stand_in_mean(adapter) -> torch.Tensor:
@@ -29,12 +35,12 @@ def test_view_conditions_edit_exactly_the_object_tokens_of_the_view(tiny_internv
         make_sample(tmp_path, 900, 300, [350, 80, 560, 120, 420, 230], sid="wide"),
         make_sample(tmp_path, 448, 448, [100, 100, 300, 140, 200, 320], sid="square", seed=1),
     ]
-    conds = va.view_conditions(mean)
-    assert [c.name for c in conds] == va.condition_names(va.VIEWS) == [
+    conds = va.view_conditions()
+    assert [c.name for c in conds] == [
         "baseline", "object_tokens:view=global", "object_tokens:view=local", "object_tokens:view=both"]
     items = [(s, c) for s in samples for c in conds]
     batch = ad.prepare([s.load_image() for s, _ in items], [ad.prompt("classification", "cat")] * len(items))
-    edits = [c.edits(s, lay, "classification") if c.edits else [] for (s, c), lay in zip(items, batch.layouts)]
+    edits = [_edits(c, s, lay, "classification", mean_embedding=mean) for (s, c), lay in zip(items, batch.layouts)]
     clean, edited = lm_input(ad, batch, edits)
     for row, ((sample, cond), lay) in enumerate(zip(items, batch.layouts)):
         obj = lay.object_tokens(sample.mask(), 0)
@@ -58,7 +64,7 @@ def test_view_ablation_on_llava_fails_fast_with_a_clear_message(tmp_path, monkey
     with pytest.raises(ValueError, match=r"view_ablation needs a model with global and local views \(InternVL\); model=tiny_llava is llava"):
         va.check_config(cfg)
     monkeypatch.setattr("vlmloc.app.load_adapter", lambda *a, **k: pytest.fail("the model must not be loaded"))
-    monkeypatch.setattr(va, "load_mean_embedding", lambda *a, **k: pytest.fail("no mean embedding work"))
+    monkeypatch.setattr("vlmloc.resources.mean_visual_embedding", lambda *a, **k: pytest.fail("no mean embedding work"))
     with pytest.raises(ValueError) as err:
         app.run(cfg, tmp_path / "run")
     assert str(err.value) == msg
@@ -118,7 +124,7 @@ def test_view_table_deltas_per_size_bin_and_single_tile_kept_apart():
     assert "small" not in multi.index.get_level_values(0)
     single = long[long["group"] == "single_tile"]
     assert set(single["size_bin"]) == {"large", "all"} and (single["n"] == 1).all()
-    md = va.table_markdown(long, va.condition_names(["global", "local"]), [0.0033, 0.03], ["small", "medium", "large"], "head")
+    md = va.table_markdown(long, [c.name for c in va.view_conditions(["global", "local"])], [0.0033, 0.03], ["small", "medium", "large"], "head")
     assert "1 single-tile object(s) reported separately" in md and "medium (n=2)" in md
 
 
