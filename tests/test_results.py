@@ -16,17 +16,9 @@ import pytest
 from omegaconf import OmegaConf
 
 from vlmloc import results as R
-from vlmloc.results import (
-    RESULT_COLUMNS,
-    RESULT_KEY,
-    ResultStore,
-    add_baseline_delta,
-    provenance,
-    summarize,
-    to_markdown,
-    validate_results,
-    write_run_json,
-)
+from vlmloc.provenance import git_state, provenance, write_run_json
+from vlmloc.reports.tables import add_baseline_delta, summarize, to_markdown
+from vlmloc.results import RESULT_COLUMNS, RESULT_KEY, ResultStore, validate_results
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -302,7 +294,7 @@ def test_provenance_git_commit_matches_checkout():
 def test_git_state_outside_a_checkout(tmp_path, monkeypatch):
     # The ceiling stops git from finding a repository above tmp_path.
     monkeypatch.setenv("GIT_CEILING_DIRECTORIES", str(tmp_path))
-    state = R.git_state(tmp_path)
+    state = git_state(tmp_path)
     assert state["git_commit"] is None and state["git_dirty"] is None
 
 

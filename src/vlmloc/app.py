@@ -26,7 +26,8 @@ from vlmloc.conditions import BASELINE, Condition, Resources, pending
 from vlmloc.evaluation import evaluate
 from vlmloc.models import VLMAdapter, load_adapter
 from vlmloc.models.loading import check_weights
-from vlmloc.results import ResultStore, provenance, write_run_json
+from vlmloc.provenance import provenance, write_run_json
+from vlmloc.results import ResultStore
 from vlmloc.rundir import check_run_config, remove_leftovers, writer_lock
 
 log = logging.getLogger("vlmloc")

@@ -1,4 +1,4 @@
-"""Results layer: tidy per-row results in parquet, run provenance, summary tables.
+"""Results layer: tidy per-row results in parquet, written atomically, resumable by key.
 
 One row per sample x task x condition (`RESULT_KEY`). Columns (`RESULT_COLUMNS`):
 
@@ -23,9 +23,8 @@ Typical use by an experiment::
     todo = store.pending(all_keys)          # a rerun of a finished run does no work
     for batch in batches(todo):
         store.add(run_batch(batch))         # merged by key, written atomically
-    write_run_json(run_dir, provenance(cfg, model_info=..., seed=..., device=...,
-                                       dtype=..., attn_implementation=..., started=t0))
-    print(to_markdown(add_baseline_delta(summarize(store.load()))))
+
+Provenance (run.json) is `vlmloc.provenance`; summary tables are `vlmloc.reports.tables`.
 
 One writer per run directory: `add` is atomic against crashes, not against concurrent writers.
 """
@@ -33,18 +32,11 @@ One writer per run directory: `add` is atomic against crashes, not against concu
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import os
-import platform
-import socket
-import subprocess
-import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterable, Mapping
-from datetime import datetime, timezone
-from importlib import metadata
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import IO, Any
 
@@ -141,7 +133,7 @@ def _box_array(boxes: pd.Series) -> pa.Array:
     return arr
 
 
-def _is_missing(value: Any) -> bool:
+def is_missing(value: Any) -> bool:
     return value is None or (np.ndim(value) == 0 and bool(pd.isna(value)))
 
 
@@ -154,7 +146,7 @@ def _as_boolean(s: pd.Series) -> pd.Series:
     for v in s:
         if isinstance(v, str):
             raise ValueError(f"column {s.name!r} must be boolean, got the string {v!r}")
-        values.append(pd.NA if _is_missing(v) else bool(v))
+        values.append(pd.NA if is_missing(v) else bool(v))
     return pd.Series(values, index=s.index, dtype="boolean", name=s.name)
 
 
@@ -318,268 +310,3 @@ class ResultStore:
         atomic_write(self.path, lambda f: pq.write_table(table, f))
         self._cache = (self._signature(), merged.copy())
         return merged
-
-
-# --------------------------------------------------------------------------- provenance
-
-_VERSIONED_PACKAGES = (
-    "torch",
-    "transformers",
-    "accelerate",
-    "numpy",
-    "pandas",
-    "pyarrow",
-    "hydra-core",
-    "omegaconf",
-    "pycocotools",
-    "vlmloc",
-)
-
-
-def package_versions() -> dict[str, str | None]:
-    """Installed versions of python and the packages results depend on (None if missing)."""
-    versions: dict[str, str | None] = {"python": platform.python_version()}
-    for name in _VERSIONED_PACKAGES:
-        try:
-            versions[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            versions[name] = None
-    return versions
-
-
-def _git(args: list[str], cwd: Path) -> str | None:
-    try:
-        done = subprocess.run(
-            ["git", *args], cwd=cwd, capture_output=True, text=True, timeout=10, check=True
-        )
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return done.stdout.strip()
-
-
-def git_state(directory: str | os.PathLike | None = None) -> dict[str, Any]:
-    """Commit and dirtiness of the git checkout holding `directory` (default: vlmloc's source).
-
-    `git_commit` is None when it is not a git checkout; `git_dirty` then is None too.
-    Untracked files count as dirty: a new, uncommitted module can change results.
-    """
-    if directory is None:
-        directory = Path(__file__).resolve().parent
-    cwd = Path(directory)
-    commit = _git(["rev-parse", "HEAD"], cwd)
-    if not commit:
-        return {"git_commit": None, "git_dirty": None, "git_dirty_files": []}
-    status = _git(["status", "--porcelain"], cwd) or ""
-    files = [line[3:] for line in status.splitlines() if line.strip()]
-    return {"git_commit": commit, "git_dirty": bool(files), "git_dirty_files": files[:50]}
-
-
-def _cuda_device_name() -> str | None:
-    # Only ask torch if the run imported it: a process without torch used no GPU,
-    # and importing it here would cost seconds for nothing.
-    torch = sys.modules.get("torch")
-    if torch is None:
-        return None
-    try:
-        return torch.cuda.get_device_name() if torch.cuda.is_available() else None
-    except Exception:  # a broken driver must not lose the run's results
-        return None
-
-
-def _jsonable(value: Any) -> Any:
-    """Plain JSON types; anything else (Path, numpy scalars, dtypes) as str."""
-    return json.loads(json.dumps(value, default=str))
-
-
-def _iso(ts: float) -> str:
-    return datetime.fromtimestamp(ts, tz=timezone.utc).isoformat(timespec="seconds")
-
-
-def provenance(
-    cfg: Any,
-    *,
-    model_info: Mapping[str, Any],
-    seed: int,
-    device: str,
-    dtype: str,
-    attn_implementation: str,
-    started: float,
-) -> dict[str, Any]:
-    """Everything needed to trace a run's numbers: config, code, model, libraries, machine.
-
-    `cfg`: an OmegaConf config (resolved here) or a plain mapping. `model_info`: the adapter's
-    facts; `model_id` (or `name_or_path` / `path`) and `revision` (or `commit_hash`) are lifted
-    to the top level. `started`: `time.time()` at run start; `wall_time_s` is recomputed by
-    `write_run_json` each time the dict is written.
-    """
-    from omegaconf import OmegaConf  # deferred: only provenance needs it
-
-    config = OmegaConf.to_container(cfg, resolve=True) if OmegaConf.is_config(cfg) else cfg
-    info = dict(model_info)
-    model_id = next((info[k] for k in ("model_id", "name_or_path", "path") if info.get(k)), None)
-    revision = next((info[k] for k in ("revision", "commit_hash") if info.get(k)), None)
-    prov = {
-        "config": config,
-        **git_state(),
-        "versions": package_versions(),
-        "platform": platform.platform(),
-        "hostname": socket.gethostname(),
-        "cuda_device_name": _cuda_device_name(),
-        "model_id": model_id,
-        "model_revision": revision,
-        "model_info": info,
-        "dtype": str(dtype),
-        "attn_implementation": attn_implementation,
-        "device": str(device),
-        "seed": int(seed),
-        "start_time": _iso(started),
-        "started_unix": float(started),
-        "wall_time_s": time.time() - started,
-    }
-    return _jsonable(prov)
-
-
-def write_run_json(run_dir: str | os.PathLike, info: Mapping[str, Any]) -> Path:
-    """Atomically write `info` to run_dir/run.json.
-
-    If `info` has `started_unix` (as `provenance` gives), `wall_time_s` and `end_time` are set
-    to now, so writing the same dict again at the end of a run records its full duration. A run
-    resumed over several sessions (killed, rerun) lists each in `sessions` (start, end, wall
-    time, read back from the run.json already there) and sums them in `wall_time_total_s`.
-    """
-    info = dict(info)
-    if info.get("started_unix") is not None:
-        now = time.time()
-        started = float(info["started_unix"])
-        info["wall_time_s"] = now - started
-        info["end_time"] = _iso(now)
-        try:
-            before = json.loads((Path(run_dir) / RUN_JSON_FILE).read_text()).get("sessions", [])
-        except (OSError, ValueError, AttributeError):
-            before = []
-        sessions = [s for s in before if isinstance(s, dict) and s.get("started_unix") != started]
-        sessions.append({"started_unix": started, "start_time": _iso(started), "end_time": info["end_time"],
-                         "wall_time_s": info["wall_time_s"]})
-        info["sessions"] = sessions
-        info["wall_time_total_s"] = sum(float(s.get("wall_time_s", 0.0)) for s in sessions)
-    text = json.dumps(info, indent=2, sort_keys=False, default=str) + "\n"
-    return atomic_write(Path(run_dir) / RUN_JSON_FILE, lambda f: f.write(text.encode("utf-8")))
-
-
-# --------------------------------------------------------------------------- tables
-
-SUMMARY_COLUMNS = (
-    "condition",
-    "task",
-    "n",
-    "accuracy",
-    "acc_50",
-    "acc_70",
-    "acc_90",
-    "mean_iou",
-    "n_unparsed",
-    "mean_p_yes",
-)
-
-
-def _summarize_localization(loc: pd.DataFrame) -> pd.DataFrame:
-    # An NA hit or NaN IoU on a localization row is a failed localization (failure is data),
-    # never a row to skip: skipping would inflate accuracy.
-    cols = {f"acc_{h[4:]}": loc[h].fillna(False).astype(float) * 100 for h in HIT_COLUMNS}
-    parts = pd.DataFrame(
-        {
-            "condition": loc["condition"],
-            "task": loc["task"],
-            **cols,
-            "iou": loc["iou"].fillna(0.0),
-            "unparsed": loc["pred_box"].isna(),
-        }
-    )
-    out = parts.groupby(["condition", "task"], sort=False).agg(
-        n=("iou", "size"),
-        acc_50=("acc_50", "mean"),
-        acc_70=("acc_70", "mean"),
-        acc_90=("acc_90", "mean"),
-        mean_iou=("iou", "mean"),
-        n_unparsed=("unparsed", "sum"),
-    )
-    out["accuracy"] = out[["acc_50", "acc_70", "acc_90"]].mean(axis=1)
-    return out
-
-
-def _summarize_classification(cls: pd.DataFrame) -> pd.DataFrame:
-    parts = pd.DataFrame(
-        {
-            "condition": cls["condition"],
-            "task": cls["task"],
-            "correct": cls["correct"].astype(float) * 100,
-            "p_yes": cls["p_yes"],
-        }
-    )
-    return parts.groupby(["condition", "task"], sort=False).agg(
-        n=("correct", "size"), accuracy=("correct", "mean"), mean_p_yes=("p_yes", "mean")
-    )
-
-
-def summarize(df: pd.DataFrame) -> pd.DataFrame:
-    """One row per (condition, task), conditions in order of first appearance.
-
-    Localization: `acc_50/70/90` = hit rates in %, `accuracy` = their mean (the paper's
-    accuracy), `mean_iou`, `n_unparsed` (pred_box None). Classification: `accuracy` = % correct,
-    `mean_p_yes`. Columns that do not apply to a task are NaN / NA.
-    """
-    df = coerce_results(df)
-    parts = [
-        f(df[df["task"] == task])
-        for task, f in (
-            ("classification", _summarize_classification),
-            ("localization", _summarize_localization),
-        )
-        if (df["task"] == task).any()
-    ]
-    if not parts:
-        return pd.DataFrame({c: pd.Series([], dtype=float) for c in SUMMARY_COLUMNS}).astype(
-            {"condition": "str", "task": "str", "n": "int64", "n_unparsed": "Int64"}
-        )
-    out = pd.concat(parts).reset_index().reindex(columns=list(SUMMARY_COLUMNS))
-    cond_rank = {c: i for i, c in enumerate(pd.unique(df["condition"]))}
-    out = out.sort_values(
-        ["condition", "task"], key=lambda s: s.map(cond_rank) if s.name == "condition" else s
-    )
-    return out.astype({"n": "int64", "n_unparsed": "Int64"}).reset_index(drop=True)
-
-
-def add_baseline_delta(summary: pd.DataFrame, baseline: str = "baseline") -> pd.DataFrame:
-    """Copy of a `summarize` table with `delta` = accuracy - the baseline's accuracy of the
-    same task (percentage points; negative = a drop). NaN where the task has no baseline row."""
-    base = summary.loc[summary["condition"] == baseline].set_index("task")["accuracy"]
-    out = summary.copy()
-    out["delta"] = out["accuracy"] - out["task"].map(base).astype(float)
-    return out
-
-
-def _cell(value: Any, digits: int) -> str:
-    if _is_missing(value):
-        return ""
-    if isinstance(value, (float, np.floating)):
-        return f"{value:.{digits}f}"
-    return str(value).replace("|", "\\|")
-
-
-def to_markdown(table: pd.DataFrame, *, digits: int = 2) -> str:
-    """GitHub-flavoured markdown table (no `tabulate` needed); floats with `digits` decimals,
-    missing values blank, numeric columns right-aligned."""
-    cols = [str(c) for c in table.columns]
-    numeric = [
-        pd.api.types.is_numeric_dtype(table[c]) and not pd.api.types.is_bool_dtype(table[c])
-        for c in table.columns
-    ]
-    rows = [[_cell(v, digits) for v in row] for row in table.itertuples(index=False, name=None)]
-    widths = [max([len(c), 3, *(len(r[i]) for r in rows)]) for i, c in enumerate(cols)]
-
-    def line(cells: list[str]) -> str:
-        padded = (c.rjust(w) if num else c.ljust(w) for c, w, num in zip(cells, widths, numeric))
-        return "| " + " | ".join(padded) + " |"
-
-    rule = "| " + " | ".join("-" * (w - 1) + ":" if n else "-" * w for w, n in zip(widths, numeric))
-    return "\n".join([line(cols), rule + " |", *(line(r) for r in rows)])

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from vlmloc.app import RunContext
 from vlmloc.conditions import BASELINE
-from vlmloc.results import add_baseline_delta, summarize, to_markdown
+from vlmloc.reports.tables import add_baseline_delta, summarize, to_markdown
 
 
 def run(ctx: RunContext) -> None:

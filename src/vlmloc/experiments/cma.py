@@ -27,7 +27,8 @@ from vlmloc.data.pairs import inpainted_sample, read_manifest
 from vlmloc.data.sample import Sample
 from vlmloc.engine.mediation import Target, head_mediation, mediation_fraction
 from vlmloc.engine.runner import generate
-from vlmloc.results import atomic_write, to_markdown
+from vlmloc.reports.tables import to_markdown
+from vlmloc.results import atomic_write
 
 log = logging.getLogger("vlmloc.experiments.cma")
 MF_FILE = "mf.parquet"

@@ -53,7 +53,8 @@ from vlmloc.conditions import BASELINE, Condition, Extend
 from vlmloc.evaluation import IOU_THRESHOLDS
 from vlmloc.models.adapter import VLMAdapter
 from vlmloc.models.layout import GLOBAL, VisualLayout
-from vlmloc.results import add_baseline_delta, atomic_write, summarize, to_markdown
+from vlmloc.reports.tables import add_baseline_delta, summarize, to_markdown
+from vlmloc.results import atomic_write
 
 log = logging.getLogger("vlmloc.experiments.extension")
 

@@ -50,8 +50,9 @@ from vlmloc.conditions import ABLATIONS, BASELINE, AblateHeads, Condition
 from vlmloc.engine.head_means import ANSWER_MEANS
 from vlmloc.models.loading import lm_shape
 from vlmloc.experiments.cma import MF_STATISTICS, mf_per_head
-from vlmloc.experiments.reporting import task_columns
-from vlmloc.results import TASKS, add_baseline_delta, atomic_write, summarize, to_markdown
+from vlmloc.reports.tables import task_columns
+from vlmloc.reports.tables import add_baseline_delta, summarize, to_markdown
+from vlmloc.results import TASKS, atomic_write
 from vlmloc.selection import row_rng
 
 log = logging.getLogger("vlmloc.experiments.head_ablation")

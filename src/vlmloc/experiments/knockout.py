@@ -33,9 +33,10 @@ import pandas as pd
 
 from vlmloc.app import RunContext
 from vlmloc.conditions import BASELINE, BlockAttention, Condition, ObjectTokens, RandomTokens
-from vlmloc.experiments.reporting import task_columns
+from vlmloc.reports.tables import task_columns
 from vlmloc.models.loading import lm_shape
-from vlmloc.results import add_baseline_delta, atomic_write, summarize, to_markdown
+from vlmloc.reports.tables import add_baseline_delta, summarize, to_markdown
+from vlmloc.results import atomic_write
 from vlmloc.selection import RANDOM_FROM
 
 log = logging.getLogger("vlmloc.experiments.knockout")

@@ -37,7 +37,9 @@ from vlmloc.data.sample import Sample
 from vlmloc.conditions import Condition
 from vlmloc.evaluation import evaluate
 from vlmloc.inpaint import Inpainter, build_inpainter
-from vlmloc.results import RUN_JSON_FILE, atomic_write, to_markdown, write_run_json
+from vlmloc.provenance import write_run_json
+from vlmloc.reports.tables import to_markdown
+from vlmloc.results import RUN_JSON_FILE, atomic_write
 
 log = logging.getLogger("vlmloc.experiments.make_pairs")
 

@@ -69,7 +69,9 @@ from vlmloc.probes import (
     position_grid,
     probe_targets,
 )
-from vlmloc.results import atomic_write, provenance, to_markdown, write_run_json
+from vlmloc.provenance import provenance, write_run_json
+from vlmloc.reports.tables import to_markdown
+from vlmloc.results import atomic_write
 
 log = logging.getLogger("vlmloc.experiments.position_probe")
 

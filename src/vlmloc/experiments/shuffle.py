@@ -14,7 +14,7 @@ from typing import Any
 
 from vlmloc.app import RunContext
 from vlmloc.conditions import BASELINE, AllTokens, Condition, ObjectTokens, Permute
-from vlmloc.experiments.reporting import paper_table, write_summary
+from vlmloc.reports.tables import paper_table, write_summary
 
 SCOPES = ("global", "object")
 
@@ -40,4 +40,4 @@ def check_config(cfg) -> None:
 def run(ctx: RunContext) -> None:
     conds = conditions(ctx.cfg.experiment, int(ctx.cfg.seed))
     results = ctx.run_conditions(conds, list(ctx.cfg.tasks))
-    write_summary(ctx, results, paper_table(results, [c.name for c in conds]), "table2_shuffle.md")
+    write_summary(ctx.run_dir, ctx.cfg, paper_table(results, [c.name for c in conds]), "table2_shuffle.md")

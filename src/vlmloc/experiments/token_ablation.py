@@ -20,7 +20,7 @@ from typing import Any
 
 from vlmloc.app import RunContext
 from vlmloc.conditions import BASELINE, AboveMedian, Condition, ObjectTokens, RandomTokens, Replace, TopScored
-from vlmloc.experiments.reporting import paper_table, write_summary
+from vlmloc.reports.tables import paper_table, write_summary
 from vlmloc.selection import RANDOM_FROM
 
 STRATEGIES = ("object", "register", "integrated_gradients", "random")
@@ -73,4 +73,4 @@ def run(ctx: RunContext) -> None:
     conds = conditions(ctx.cfg.experiment, int(ctx.cfg.seed))
     ctx.run_conditions([BASELINE], tasks)
     results = ctx.run_conditions(conds, tasks)
-    write_summary(ctx, results, paper_table(results, [c.name for c in conds]), "table1_token_ablation.md")
+    write_summary(ctx.run_dir, ctx.cfg, paper_table(results, [c.name for c in conds]), "table1_token_ablation.md")

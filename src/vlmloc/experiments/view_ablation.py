@@ -33,7 +33,8 @@ from vlmloc.app import RunContext
 from vlmloc.conditions import BASELINE, Condition, ObjectTokens, Replace
 from vlmloc.experiments.extension import layout_for_size
 from vlmloc.models.layout import GLOBAL, LOCAL
-from vlmloc.results import add_baseline_delta, atomic_write, summarize, to_markdown
+from vlmloc.reports.tables import add_baseline_delta, summarize, to_markdown
+from vlmloc.results import atomic_write
 
 log = logging.getLogger("vlmloc.experiments.view_ablation")
 

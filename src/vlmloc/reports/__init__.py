@@ -1,0 +1,2 @@
+"""Reports: the tables and figures of each experiment, rebuilt from a run's result rows and its
+config alone. Nothing here loads a model or imports the engine."""
