@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 
 from conftest import compose_cfg
-from vlmloc import app
+from vlmloc import app, runner
 from vlmloc.results import RESULT_COLUMNS
 
 REQUIRED = set(RESULT_COLUMNS) | {"ann_id", "width", "height", "area_frac"}
@@ -73,8 +73,8 @@ def test_resume_only_runs_missing_samples(tmp_path, monkeypatch):
     partial = full[full["sample_id"] != dropped]
     atomic_write(run_dir / "results.parquet", lambda f: partial.to_parquet(f))
     seen = []
-    real = app.evaluate
-    monkeypatch.setattr(app, "evaluate", lambda ad, samples, *a, **k: seen.append([s.sample_id for s in samples]) or real(ad, samples, *a, **k))
+    real = runner.evaluate
+    monkeypatch.setattr(runner, "evaluate", lambda ad, samples, *a, **k: seen.append([s.sample_id for s in samples]) or real(ad, samples, *a, **k))
     app.run(cfg, run_dir)
     assert seen == [[dropped]]
     again = ResultStore(run_dir).load().sort_values(["task", "sample_id"]).reset_index(drop=True)

@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 
 from conftest import compose_cfg, noise_image
-from vlmloc import app
+from vlmloc import app, runner
 from vlmloc.data import load_samples
 from vlmloc.data.pairs import inpainted_name, read_manifest, sample_record, write_manifest
 from vlmloc.engine.heads import HeadEdit, capture_heads, capture_layer_inputs, edit_heads, head_slice, run_from_layer
@@ -134,7 +134,7 @@ def test_cma_end_to_end_and_resume(tmp_path, monkeypatch, tiny_llava):
     summary = (run_dir / "cma_summary.md").read_text()
     assert "top 10 heads" in summary and "overlap between tasks" in summary and "critical: mean MF >= 0.1" in summary
     assert (run_dir / "fig4_cma_heatmaps.png").stat().st_size > 0
-    monkeypatch.setattr(app, "load_adapter", lambda cfg: pytest.fail("a finished run must not load the model"))
+    monkeypatch.setattr(runner, "load_adapter", lambda cfg: pytest.fail("a finished run must not load the model"))
     app.run(cfg, run_dir)
     pd.testing.assert_frame_equal(pd.read_parquet(run_dir / "mf.parquet"), mf)
 
@@ -160,7 +160,7 @@ def test_localization_uses_only_pairs_whose_source_box_hits(tmp_path, monkeypatc
     assert sorted(loc["sample_id"].unique()) == sorted(iou.index[iou >= need])
     assert set(mf.loc[mf["task"] == "classification", "sample_id"]) == set(iou.index)  # classification keeps all
     assert f"localization: {len(missed)} pairs dropped before patching because the source box missed" in (run_dir / "cma_summary.md").read_text()
-    monkeypatch.setattr(app, "load_adapter", lambda cfg: pytest.fail("a finished run must not load the model"))
+    monkeypatch.setattr(runner, "load_adapter", lambda cfg: pytest.fail("a finished run must not load the model"))
     app.run(cfg, run_dir)  # the dropped pairs count as done
 
 
@@ -168,7 +168,7 @@ def test_pairs_kept_by_another_model_are_refused(tmp_path, monkeypatch, caplog):
     pairs_dir, _ = _make_pairs_dir(tmp_path, tmp_path / "data")
     manifest = read_manifest(pairs_dir)
     write_manifest(pairs_dir, manifest.assign(model="demo_llava@0123456789ab"))
-    monkeypatch.setattr(app, "load_adapter", lambda cfg: pytest.fail("the model must not load"))
+    monkeypatch.setattr(runner, "load_adapter", lambda cfg: pytest.fail("the model must not load"))
     args = ("experiment=cma", "model=tiny_llava", "data=pairs", f"data.pairs_dir={pairs_dir}")
     with pytest.raises(ValueError, match=r"kept by the answers of model demo_llava, not model=tiny_llava"):
         app.run(compose_cfg(*args), tmp_path / "run")

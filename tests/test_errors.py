@@ -8,7 +8,7 @@ import sys
 import pytest
 
 from conftest import compose_cfg
-from vlmloc import app
+from vlmloc import app, runner
 from vlmloc.errors import ConfigError
 from vlmloc.models.loading import ModelLoadError, check_weights
 
@@ -34,7 +34,7 @@ def test_bad_input_is_one_line_and_exit_status_2(tmp_path, args, message):
 
 
 def test_no_sample_left_is_refused_before_the_model_loads(tmp_path, monkeypatch):
-    monkeypatch.setattr(app, "load_adapter", lambda cfg: pytest.fail("the model must not load"))
+    monkeypatch.setattr(runner, "load_adapter", lambda cfg: pytest.fail("the model must not load"))
     cfg = compose_cfg("experiment=baseline", "model=tiny_llava", "data=synthetic", "data.synthetic.n_images=2",
                       "data.filters.min_area_frac=0.49", data_dir=tmp_path / "data")
     with pytest.raises(ConfigError, match=r"gives no sample to run on \(input kept \d+, well_formed kept"):
@@ -57,7 +57,7 @@ def test_cma_on_a_pairs_run_that_kept_no_pair_is_refused(tmp_path, monkeypatch):
 
     pairs_dir, _ = _make_pairs_dir(tmp_path, tmp_path / "data")
     write_manifest(pairs_dir, read_manifest(pairs_dir).assign(kept=False))
-    monkeypatch.setattr(app, "load_adapter", lambda cfg: pytest.fail("the model must not load"))
+    monkeypatch.setattr(runner, "load_adapter", lambda cfg: pytest.fail("the model must not load"))
     cfg = compose_cfg("experiment=cma", "model=tiny_llava", "data=pairs", f"data.pairs_dir={pairs_dir}")
     with pytest.raises(ConfigError, match="data=pairs gives no sample to run on"):
         app.run(cfg, tmp_path / "run")

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from conftest import compose_cfg, noise_image
-from vlmloc import app, geometry
+from vlmloc import app, geometry, runner
 from vlmloc.conditions import Resources, realize
 from vlmloc.data.sample import Sample
 from vlmloc.engine.token_edits import edit_lm_input
@@ -66,7 +66,7 @@ def reuse_adapter(monkeypatch, tiny):
         assert model_cfg.name == tiny.cfg.name and model_cfg.tiny == tiny.cfg.tiny
         return type(tiny)(tiny.model, tiny.processor, model_cfg, tiny.device)
 
-    monkeypatch.setattr("vlmloc.app.load_adapter", load)
+    monkeypatch.setattr("vlmloc.runner.load_adapter", load)
 
 
 CASES = {
@@ -206,7 +206,7 @@ def test_extension_end_to_end_tiny_llava(tiny_llava, tmp_path, monkeypatch, caps
     stored["pred_box"] = [list(ext.grow_box(r.gt_box, r.pad, r.cell_w, r.cell_h, r.width, r.height))
                           for r in stored.itertuples()]
     store.add(stored)
-    monkeypatch.setattr(app, "evaluate", lambda *a, **k: pytest.fail("a finished run must do no new work"))
+    monkeypatch.setattr(runner, "evaluate", lambda *a, **k: pytest.fail("a finished run must do no new work"))
     (run_dir / ext.EXAMPLES_FIG).unlink()
     app.run(cfg, run_dir)
     m = ext.extension_matrix(pd.read_parquet(run_dir / "results.parquet"), [0, 1, 2]).set_index("pad")

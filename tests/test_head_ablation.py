@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from conftest import compose_cfg, noise_image
-from vlmloc import app
+from vlmloc import app, runner
 from vlmloc.data.sample import Sample
 from vlmloc.engine.head_means import head_means
 from vlmloc.engine.heads import capture_heads, edit_heads
@@ -267,7 +267,7 @@ def test_head_ablation_end_to_end(model, request, tmp_path, monkeypatch):
                       "experiment.mean_samples=2",
                       "data=synthetic", "data.n=2", "data.synthetic.n_images=4", "model.localization.max_new_tokens=4",
                       "batch_size=16", data_dir=tmp_path / "data")
-    monkeypatch.setattr(app, "load_adapter", lambda mcfg: type(tiny)(tiny.model, tiny.processor, mcfg, tiny.device))
+    monkeypatch.setattr(runner, "load_adapter", lambda mcfg: type(tiny)(tiny.model, tiny.processor, mcfg, tiny.device))
     run_dir = tmp_path / "run"
     app.run(cfg, run_dir)
     df = pd.read_parquet(run_dir / "results.parquet")
@@ -284,6 +284,6 @@ def test_head_ablation_end_to_end(model, request, tmp_path, monkeypatch):
     assert (run_dir / "fig5_head_ablation.png").stat().st_size > 0
     info = json.loads((run_dir / "run.json").read_text())
     assert info["head_ablation"]["top_heads"]["localization"][0] == [1, 3]
-    monkeypatch.setattr(app, "load_adapter", lambda mcfg: pytest.fail("a finished run must not load the model"))
+    monkeypatch.setattr(runner, "load_adapter", lambda mcfg: pytest.fail("a finished run must not load the model"))
     app.run(cfg, run_dir)
     pd.testing.assert_frame_equal(pd.read_parquet(run_dir / "results.parquet"), df)

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from conftest import compose_cfg, noise_image
-from vlmloc import app
+from vlmloc import app, runner
 from vlmloc.data.sample import Sample
 from vlmloc.engine.knockout import Knockout, knockout, post_image_queries
 from vlmloc.engine.runner import generate
@@ -178,7 +178,7 @@ def test_knockout_end_to_end(model, request, tmp_path, monkeypatch):
     cfg = compose_cfg("experiment=knockout", f"model={model}", "data=synthetic", "data.n=2", "data.synthetic.n_images=4",
                       "model.localization.max_new_tokens=4", "batch_size=16", data_dir=tmp_path / "data")
     # the session's tiny model with this run's model config (saves building it again)
-    monkeypatch.setattr(app, "load_adapter", lambda mcfg: type(tiny)(tiny.model, tiny.processor, mcfg, tiny.device))
+    monkeypatch.setattr(runner, "load_adapter", lambda mcfg: type(tiny)(tiny.model, tiny.processor, mcfg, tiny.device))
     run_dir = tmp_path / "run"
     app.run(cfg, run_dir)
     df = pd.read_parquet(run_dir / "results.parquet")
@@ -193,6 +193,6 @@ def test_knockout_end_to_end(model, request, tmp_path, monkeypatch):
     table = (run_dir / "fig3_knockout.md").read_text()
     assert "| knockout:random:layer=1" in table and "loc_delta" in table and "cls_delta" in table
     assert (run_dir / "fig3_knockout.png").stat().st_size > 0
-    monkeypatch.setattr(app, "load_adapter", lambda mcfg: pytest.fail("a finished run must not load the model"))
+    monkeypatch.setattr(runner, "load_adapter", lambda mcfg: pytest.fail("a finished run must not load the model"))
     app.run(cfg, run_dir)
     pd.testing.assert_frame_equal(pd.read_parquet(run_dir / "results.parquet"), df)

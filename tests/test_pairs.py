@@ -13,7 +13,7 @@ import pytest
 
 from conftest import compose_cfg
 from vlmloc import app
-from vlmloc.app import RunContext, seed_everything
+from vlmloc.runner import RunContext, seed_everything
 from vlmloc.data import DataError, load_samples
 from vlmloc.data.pairs import MANIFEST_COLUMNS, MANIFEST_FILE, inpainted_sample, read_manifest
 from vlmloc.evaluation import classification_outcome

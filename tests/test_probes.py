@@ -11,7 +11,7 @@ import torch
 
 from conftest import compose_cfg, noise_image
 from vlmloc import app
-from vlmloc.app import RunContext
+from vlmloc.runner import RunContext
 from vlmloc.data.coco import DataError
 from vlmloc.data.images import list_images, load_image_split, split_images
 from vlmloc.engine.capture import model_stages

@@ -14,7 +14,7 @@ import pandas as pd
 import pytest
 
 from conftest import compose_cfg
-from vlmloc import app
+from vlmloc import app, runner
 from vlmloc.rundir import CONFIG_FILE, LOCK_FILE, RunDirectoryError, check_run_config, writer_lock
 
 BASE = ("experiment=baseline", "model=tiny_llava", "data=synthetic", "data.n=2", "data.synthetic.n_images=2",
@@ -38,7 +38,7 @@ def _copy(finished, tmp_path):
 
 
 def _no_model(monkeypatch):
-    monkeypatch.setattr(app, "load_adapter", lambda cfg: pytest.fail("the model must not load"))
+    monkeypatch.setattr(runner, "load_adapter", lambda cfg: pytest.fail("the model must not load"))
 
 
 @pytest.mark.parametrize(("override", "changed"), [

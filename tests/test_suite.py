@@ -6,7 +6,7 @@ import pandas as pd
 import pytest
 
 from conftest import compose_cfg
-from vlmloc import app
+from vlmloc import app, runner
 from vlmloc.experiments.suite import check_config, run_config
 
 
@@ -38,23 +38,23 @@ def test_suite_runs_each_experiment_into_its_folder_with_one_model(tmp_path, mon
     cfg = compose_cfg("model=tiny_llava", "data=synthetic", "data.n=3", "experiment.runs=[baseline,shuffle]",
                       data_dir=data_dir)
     loads, data_loads, evaluated = [], [], []
-    real, real_data, real_eval = app.load_adapter, app.load_samples, app.evaluate
-    monkeypatch.setattr(app, "load_adapter", lambda c: loads.append(1) or real(c))
-    monkeypatch.setattr(app, "load_samples", lambda c: data_loads.append(1) or real_data(c))
+    real, real_data, real_eval = runner.load_adapter, runner.load_samples, runner.evaluate
+    monkeypatch.setattr(runner, "load_adapter", lambda c: loads.append(1) or real(c))
+    monkeypatch.setattr(runner, "load_samples", lambda c: data_loads.append(1) or real_data(c))
 
     def counting_evaluate(adapter, samples, tasks, *, conditions, skip, **kw):
         evaluated.extend((s.sample_id, t, c.name) for s in samples for t in tasks for c in conditions
                          if (s.sample_id, t, c.name) not in skip)
         return real_eval(adapter, samples, tasks, conditions=conditions, skip=skip, **kw)
 
-    monkeypatch.setattr(app, "evaluate", counting_evaluate)
+    monkeypatch.setattr(runner, "evaluate", counting_evaluate)
     app.run(cfg, tmp_path / "suite")
     assert len(loads) == 1 and len(data_loads) == 1
     assert sorted(k for k in evaluated if k[2] == "baseline") == sorted(
         (s, t, "baseline") for s in pd.read_parquet(tmp_path / "suite" / "baseline" / "results.parquet")["sample_id"].unique()
         for t in ("classification", "localization"))
     assert len(evaluated) == len(set(evaluated)), "a row was computed twice"
-    monkeypatch.setattr(app, "evaluate", real_eval)
+    monkeypatch.setattr(runner, "evaluate", real_eval)
     for name in ("baseline", "shuffle"):
         alone = tmp_path / f"alone-{name}"
         app.run(compose_cfg(f"experiment={name}", "model=tiny_llava", "data=synthetic", "data.n=3", data_dir=data_dir), alone)

@@ -6,7 +6,7 @@ import pandas as pd
 import pytest
 
 from conftest import compose_cfg
-from vlmloc import app
+from vlmloc import app, runner
 from vlmloc.experiments import token_ablation
 
 FAST = ("experiment.integrated_gradients.steps=2", "experiment.integrated_gradients.batch_size=2",
@@ -33,7 +33,7 @@ def test_token_ablation_end_to_end(model, tmp_path, monkeypatch):
     assert "| object_tokens:p=+2" in table and "loc_delta" in table
     assert list((tmp_path / "cache" / "mean_embedding").glob("*.pt"))
     # rerun: nothing to do, the adapter is never built
-    monkeypatch.setattr(app, "load_adapter", lambda cfg: pytest.fail("a finished run must not load the model"))
+    monkeypatch.setattr(runner, "load_adapter", lambda cfg: pytest.fail("a finished run must not load the model"))
     app.run(cfg, run_dir)
     pd.testing.assert_frame_equal(pd.read_parquet(run_dir / "results.parquet"), df)
 

@@ -63,7 +63,7 @@ def test_view_ablation_on_llava_fails_fast_with_a_clear_message(tmp_path, monkey
     msg = "view_ablation needs a model with global and local views (InternVL); model=tiny_llava is llava"
     with pytest.raises(ValueError, match=r"view_ablation needs a model with global and local views \(InternVL\); model=tiny_llava is llava"):
         va.check_config(cfg)
-    monkeypatch.setattr("vlmloc.app.load_adapter", lambda *a, **k: pytest.fail("the model must not be loaded"))
+    monkeypatch.setattr("vlmloc.runner.load_adapter", lambda *a, **k: pytest.fail("the model must not be loaded"))
     monkeypatch.setattr("vlmloc.resources.mean_visual_embedding", lambda *a, **k: pytest.fail("no mean embedding work"))
     with pytest.raises(ValueError) as err:
         app.run(cfg, tmp_path / "run")

@@ -1,181 +1,25 @@
-"""The Hydra application: compose the config, check inputs, run one experiment, record provenance.
+"""The Hydra application: check the config, lock the run directory, run one experiment.
 
-Each experiment is a module `vlmloc.experiments.<name>` with `run(ctx: RunContext) -> None`.
+Each experiment is a module `vlmloc.experiments.<name>` with `run(ctx: RunContext) -> None`
+(`vlmloc.runner.RunContext`).
 """
 
 from __future__ import annotations
 
 import importlib
 import logging
-import random
-import time
-from collections.abc import Callable, Collection, Sequence
-from dataclasses import dataclass, field
-from functools import cached_property
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-import pandas as pd
-import torch
 from omegaconf import DictConfig
 
-from vlmloc.data import Sample, load_samples
+from vlmloc.data import Sample
 from vlmloc.errors import ConfigError, VlmlocError
-from vlmloc.conditions import BASELINE, Condition, Resources, pending
-from vlmloc.evaluation import evaluate
-from vlmloc.models import VLMAdapter, load_adapter
-from vlmloc.models.loading import check_weights
-from vlmloc.provenance import provenance, write_run_json
-from vlmloc.results import ResultStore
+from vlmloc.models import VLMAdapter
+from vlmloc.runner import RunContext, seed_everything
 from vlmloc.rundir import check_run_config, remove_leftovers, writer_lock
 
 log = logging.getLogger("vlmloc")
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-
-
-@dataclass
-class RunContext:
-    """What an experiment gets: the config, its run directory and store, and lazy data and model."""
-
-    cfg: DictConfig
-    run_dir: Path
-    started: float = field(default_factory=time.time)
-    # A finished run whose baseline rows equal this run's (experiment=suite: the same model, data,
-    # tasks and prompts): `evaluate` copies them instead of recomputing.
-    baseline_from: Path | None = None
-
-    @cached_property
-    def store(self) -> ResultStore:
-        return ResultStore(self.run_dir)
-
-    @cached_property
-    def _data(self) -> tuple[list[Sample], list[dict[str, Any]]]:
-        return load_samples(self.cfg.data)
-
-    @property
-    def samples(self) -> list[Sample]:
-        return self._data[0]
-
-    @property
-    def filter_report(self) -> list[dict[str, Any]]:
-        return self._data[1]
-
-    @cached_property
-    def adapter(self) -> VLMAdapter:
-        return load_adapter(self.cfg.model)
-
-    @cached_property
-    def resources(self) -> Resources:
-        """The named inputs conditions read (`vlmloc.resources`), computed on first use."""
-        from vlmloc.resources import run_resources
-
-        return run_resources(self)
-
-    def run_conditions(
-        self,
-        conditions: Sequence[Condition],
-        tasks: Sequence[str],
-        *,
-        samples: Sequence[Sample] | None = None,
-        columns: Callable[[pd.DataFrame], pd.DataFrame] | None = None,
-        provenance: Callable[[], dict[str, Any]] | None = None,
-    ) -> pd.DataFrame:
-        """Every row of conditions x samples (default: the run's) x tasks that the store lacks,
-        evaluated and stored; run.json rewritten when a row was new (with `provenance()` merged in).
-        Returns every stored row. A finished run loads nothing and computes nothing."""
-        samples = self.samples if samples is None else samples
-        done = self.store.done_keys()
-        todo = pending(conditions, samples, tasks, done)
-        if not todo:
-            log.info("all %d rows of %d condition(s) already in %s: nothing to do",
-                     len(pending(conditions, samples, tasks, ())), len(conditions), self.run_dir)
-            return self.store.load()
-        ids = {key[0] for key in todo}
-        log.info("%d condition(s) x %d task(s): %d rows of %d samples to compute", len(conditions), len(tasks),
-                 len(todo), len(ids))
-        self.evaluate([s for s in samples if s.sample_id in ids], tasks, conditions=conditions, skip=done, columns=columns)
-        self.write_provenance(**(provenance() if provenance is not None else {}))
-        return self.store.load()
-
-    def evaluate(
-        self,
-        samples: Sequence[Sample],
-        tasks: Sequence[str],
-        *,
-        conditions: Sequence[Condition] = (BASELINE,),
-        skip: Collection[tuple[str, str, str]] = frozenset(),
-        columns: Callable[[pd.DataFrame], pd.DataFrame] | None = None,
-    ) -> pd.DataFrame:
-        """`evaluation.evaluate` on this run's model, its rows stored as they are computed (at least
-        every `results.flush_seconds`), after `columns` adds any experiment-specific columns."""
-        extra = columns or (lambda df: df)
-        reused = self._reuse_baseline(samples, tasks, conditions, skip, extra)
-        if len(reused):
-            skip = set(skip) | set(zip(reused["sample_id"], reused["task"], reused["condition"]))
-
-        def sink(rows: pd.DataFrame) -> None:
-            self.store.add(extra(rows))
-
-        df = evaluate(self.adapter, samples, tasks, batch_size=int(self.cfg.batch_size), conditions=conditions,
-                      skip=skip, sink=sink, flush_seconds=float(self.cfg.results.flush_seconds), resources=self.resources)
-        df = extra(df) if len(df) else df
-        return pd.concat([reused, df], ignore_index=True) if len(reused) else df
-
-    def _reuse_baseline(self, samples: Sequence[Sample], tasks: Sequence[str], conditions: Sequence[Condition],
-                        skip: Collection[tuple[str, str, str]], extra: Callable[[pd.DataFrame], pd.DataFrame]) -> pd.DataFrame:
-        """The baseline rows of `baseline_from` this call would compute, stored here as this run's."""
-        if self.baseline_from is None or BASELINE not in conditions:
-            return pd.DataFrame()
-        wanted = {(s.sample_id, t, BASELINE.name) for s in samples for t in tasks} - set(skip)
-        rows = ResultStore(self.baseline_from).load()
-        rows = rows[[k in wanted for k in zip(rows["sample_id"], rows["task"], rows["condition"])]]
-        if not len(rows):
-            return pd.DataFrame()
-        rows = extra(rows.reset_index(drop=True))
-        self.store.add(rows)
-        log.info("baseline: %d of %d rows reused from %s", len(rows), len(wanted), self.baseline_from)
-        return rows
-
-    def check_inputs(self) -> None:
-        """Fail fast, before any heavy work: data present and well formed, weights findable."""
-        log.info("%d samples from data=%s", len(self.samples), self.cfg.data.name)
-        if not self.samples:
-            steps = ", ".join(f"{r['filter']} kept {r['kept']}" for r in self.filter_report)
-            raise ConfigError(f"data={self.cfg.data.name} gives no sample to run on ({steps}): check data.n, "
-                              f"data.filters and the data files")
-        if self.cfg.model.path is not None:
-            check_weights(self.cfg.model)
-
-    def write_provenance(self, **extra: Any) -> None:
-        """run.json: config, code, library versions, model facts, device, seed, wall time."""
-        ad = self.adapter
-        model_info = {
-            "name": str(self.cfg.model.name),
-            "family": ad.family,
-            "model_id": str(self.cfg.model.path) if self.cfg.model.path is not None else f"tiny:{self.cfg.model.name}",
-            "revision": getattr(ad.model.config, "_commit_hash", None) or self.cfg.model.revision,
-            "n_layers": ad.n_layers,
-            "n_heads": ad.n_heads,
-            "head_dim": ad.head_dim,
-        }
-        info = provenance(
-            self.cfg,
-            model_info=model_info,
-            seed=int(self.cfg.seed),
-            device=str(ad.device),
-            dtype=str(ad.model.dtype),
-            attn_implementation=str(ad.model.config._attn_implementation),
-            started=self.started,
-        )
-        info["data"] = {"n_samples": len(self.samples), "filters": self.filter_report}
-        info.update(extra)
-        write_run_json(self.run_dir, info)
 
 
 def check_root_config(cfg: DictConfig) -> None:

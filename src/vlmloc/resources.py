@@ -89,7 +89,7 @@ def _ig(ctx: Any) -> dict[tuple[str, str], np.ndarray]:
 
 
 def run_resources(ctx: Any) -> Resources:
-    """The resources of a run (`app.RunContext`), each computed on first use."""
+    """The resources of a run (`vlmloc.runner.RunContext`), each computed on first use."""
     providers: dict[str, Callable[[], Any]] = {
         "adapter": lambda: ctx.adapter,
         "mean_embedding": lambda: mean_visual_embedding(ctx),

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from vlmloc.app import RunContext
+from vlmloc.runner import RunContext
 from vlmloc.conditions import BASELINE
 from vlmloc.reports.tables import add_baseline_delta, summarize, to_markdown
 

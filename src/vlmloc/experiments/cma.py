@@ -22,7 +22,7 @@ import pandas as pd
 from tqdm.auto import tqdm
 
 from vlmloc import geometry
-from vlmloc.app import RunContext
+from vlmloc.runner import RunContext
 from vlmloc.data.pairs import inpainted_sample, read_manifest
 from vlmloc.data.sample import Sample
 from vlmloc.engine.mediation import Target, head_mediation, mediation_fraction

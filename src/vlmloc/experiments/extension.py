@@ -47,7 +47,7 @@ import pandas as pd
 import torch
 
 from vlmloc import geometry
-from vlmloc.app import RunContext
+from vlmloc.runner import RunContext
 from vlmloc.data.sample import Sample
 from vlmloc.conditions import BASELINE, Condition, Extend
 from vlmloc.evaluation import IOU_THRESHOLDS

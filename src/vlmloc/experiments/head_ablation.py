@@ -45,7 +45,7 @@ import numpy as np
 import pandas as pd
 from omegaconf import OmegaConf
 
-from vlmloc.app import RunContext
+from vlmloc.runner import RunContext
 from vlmloc.conditions import ABLATIONS, BASELINE, AblateHeads, Condition
 from vlmloc.engine.head_means import ANSWER_MEANS
 from vlmloc.models.loading import lm_shape

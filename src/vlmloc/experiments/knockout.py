@@ -31,7 +31,7 @@ from typing import Any
 
 import pandas as pd
 
-from vlmloc.app import RunContext
+from vlmloc.runner import RunContext
 from vlmloc.conditions import BASELINE, BlockAttention, Condition, ObjectTokens, RandomTokens
 from vlmloc.reports.tables import task_columns
 from vlmloc.models.loading import lm_shape

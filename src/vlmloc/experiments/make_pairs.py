@@ -31,7 +31,7 @@ import numpy as np
 import pandas as pd
 from omegaconf import OmegaConf
 
-from vlmloc.app import RunContext
+from vlmloc.runner import RunContext
 from vlmloc.data.pairs import inpainted_name, read_manifest, sample_record, write_manifest
 from vlmloc.data.sample import Sample
 from vlmloc.conditions import Condition

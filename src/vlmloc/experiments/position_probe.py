@@ -54,7 +54,7 @@ import pyarrow.parquet as pq
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from vlmloc.app import RunContext
+from vlmloc.runner import RunContext
 from vlmloc.data.images import ImageSplit, load_image_split, open_rgb
 from vlmloc.engine.capture import LLM, PROJECTOR, VISION, Stage, capture, model_stages, stage_tokens
 from vlmloc.models.adapter import VLMAdapter

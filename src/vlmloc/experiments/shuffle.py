@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from vlmloc.app import RunContext
+from vlmloc.runner import RunContext
 from vlmloc.conditions import BASELINE, AllTokens, Condition, ObjectTokens, Permute
 from vlmloc.reports.tables import paper_table, write_summary
 

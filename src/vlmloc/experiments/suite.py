@@ -14,7 +14,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
-from vlmloc.app import RunContext
+from vlmloc.runner import RunContext
 
 log = logging.getLogger("vlmloc.experiments.suite")
 

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from vlmloc.app import RunContext
+from vlmloc.runner import RunContext
 from vlmloc.conditions import BASELINE, AboveMedian, Condition, ObjectTokens, RandomTokens, Replace, TopScored
 from vlmloc.reports.tables import paper_table, write_summary
 from vlmloc.selection import RANDOM_FROM

@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from vlmloc.app import RunContext
+from vlmloc.runner import RunContext
 from vlmloc.conditions import BASELINE, Condition, ObjectTokens, Replace
 from vlmloc.experiments.extension import layout_for_size
 from vlmloc.models.layout import GLOBAL, LOCAL
