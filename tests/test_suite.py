@@ -64,3 +64,12 @@ def test_suite_runs_each_experiment_into_its_folder_with_one_model(tmp_path, mon
         pd.testing.assert_frame_equal(a, b)
     summary = (tmp_path / "suite" / "summary.md").read_text()
     assert "## baseline" in summary and "## shuffle" in summary and "shuffle:global" in summary
+
+
+def test_a_run_keeps_its_experiments_own_defaults_and_the_commands_choices():
+    """make_pairs' file picks inpaint=opencv in its defaults list; a value this command set wins."""
+    plain = run_config(compose_cfg("model=tiny_llava", "data=synthetic"), "make_pairs")
+    assert plain.inpaint.backend == "opencv" and plain.experiment.name == "make_pairs"
+    assert "inpaint" not in compose_cfg("model=tiny_llava")  # the suite itself has no inpainter
+    chosen = run_config(compose_cfg("model=tiny_llava", "data=synthetic", "inpaint=oracle", "seed=3"), "make_pairs")
+    assert chosen.inpaint.backend == "oracle" and chosen.seed == 3 and chosen.model.name == "tiny_llava"

@@ -11,6 +11,7 @@ from __future__ import annotations
 import importlib
 import logging
 from pathlib import Path
+from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
@@ -26,16 +27,46 @@ def experiment_file(name: str) -> Path:
     return config_dir() / "experiment" / f"{name}.yaml"
 
 
+def _compose(overrides: list[str]) -> DictConfig:
+    """The root config composed by Hydra with `overrides` (inside a running app or not)."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    from vlmloc.__main__ import config_dir
+
+    if GlobalHydra.instance().is_initialized():
+        return compose("config", overrides=overrides)
+    with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
+        return compose("config", overrides=overrides)
+
+
+def _changed(cfg: Any, default: Any) -> Any:
+    """The leaves of `cfg` that differ from `default` (a nested dict), or _SAME."""
+    if isinstance(cfg, dict) and isinstance(default, dict):
+        out = {k: _changed(v, default.get(k, _SAME)) for k, v in cfg.items()}
+        return {k: v for k, v in out.items() if v is not _SAME} or _SAME
+    return _SAME if cfg == default else cfg
+
+
+_SAME = object()
+
+
 def run_config(cfg: DictConfig, name: str) -> DictConfig:
-    """The config `experiment=<name>` gets: this config with its experiment node swapped for <name>'s."""
-    path = experiment_file(name)
-    if not path.exists():
-        raise ValueError(f"experiment.runs names {name!r}, but there is no {path}")
-    base = OmegaConf.to_container(cfg, resolve=False)
-    base.pop("experiment")
-    own = OmegaConf.load(path)  # a `# @package _global_` file: its keys are top-level
+    """The config `experiment=<name>` gets with this command's other overrides: Hydra composes
+    `experiment=<name>` (its own defaults list included, e.g. make_pairs' inpaint backend), then
+    every value this command set differently from the plain suite is laid over it, then
+    `experiment.overrides.<name>`."""
+    if not experiment_file(name).exists():
+        raise ValueError(f"experiment.runs names {name!r}, but there is no {experiment_file(name)}")
+    own = OmegaConf.to_container(_compose([f"experiment={name}"]), resolve=False)
+    plain = OmegaConf.to_container(_compose([f"experiment={cfg.experiment.name}"]), resolve=False)
+    mine = OmegaConf.to_container(cfg, resolve=False)
+    for key in ("experiment", "hydra"):
+        mine.pop(key, None)
+    changed = _changed(mine, plain)
     extra = (cfg.experiment.get("overrides") or {}).get(name) or {}
-    return OmegaConf.merge(base, own, {"experiment": extra})
+    own.pop("hydra", None)
+    return OmegaConf.merge(own, {} if changed is _SAME else changed, {"experiment": extra})
 
 
 def check_config(cfg: DictConfig) -> None:
