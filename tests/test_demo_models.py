@@ -85,7 +85,7 @@ def test_loads_offline_with_the_real_classes_and_geometry(demo):
     if name == "demo_llava":
         assert isinstance(adapter, LlavaAdapter)
         assert type(adapter.model).__name__ == "LlavaForConditionalGeneration"
-        assert adapter.grid_size == 24 and adapter.n_visual_tokens(400, 300) == 576
+        assert adapter.tokens_per_side == 24 and adapter.n_visual_tokens(400, 300) == 576
     else:
         assert isinstance(adapter, InternVLAdapter)
         assert type(adapter.model).__name__ == "InternVLForConditionalGeneration"

@@ -51,7 +51,6 @@ VISION, PROJECTOR, LLM = "vision", "projector", "llm"
 STAGE_KINDS = (VISION, PROJECTOR, LLM)
 
 # Where the encoder's layer list lives in the vision towers we support (CLIP, InternViT).
-_VISION_LAYER_PATHS = ("vision_model.encoder.layers", "encoder.layers", "encoder.layer")
 
 
 @dataclass(frozen=True)
@@ -80,23 +79,6 @@ class TokenMeta:
         return len(self.row)
 
 
-def _get(module: nn.Module, dotted: str) -> Any:
-    for part in dotted.split("."):
-        module = getattr(module, part, None)  # type: ignore[assignment]
-        if module is None:
-            return None
-    return module
-
-
-def vision_layers(adapter: VLMAdapter) -> nn.ModuleList:
-    """The vision encoder's layer list (CLIP: vision_model.encoder.layers; InternViT: encoder.layer)."""
-    for path in _VISION_LAYER_PATHS:
-        layers = _get(adapter.vision_tower, path)
-        if isinstance(layers, nn.ModuleList):
-            return layers
-    raise ValueError(f"no encoder layer list at {_VISION_LAYER_PATHS} in {type(adapter.vision_tower).__name__}")
-
-
 def _side(value: Any) -> int:
     return int(value[0] if isinstance(value, (list, tuple)) else value)
 
@@ -107,18 +89,10 @@ def vision_grid(adapter: VLMAdapter) -> int:
     return _side(vc.image_size) // _side(vc.patch_size)
 
 
-def token_grid(adapter: VLMAdapter) -> int:
-    """Visual tokens per side of one tile at the LM input (LLaVA-1.5: 24, InternVL: 16)."""
-    for attr in ("grid_size", "tokens_per_side"):
-        if hasattr(adapter, attr):
-            return int(getattr(adapter, attr))
-    raise ValueError(f"{type(adapter).__name__} exposes no token grid size")
-
-
 def model_stages(adapter: VLMAdapter) -> list[Stage]:
     """Every stage of the model in positional order: vision.0.., projector, llm.0.."""
-    vg, tg = vision_grid(adapter), token_grid(adapter)
-    stages = [Stage(f"{VISION}.{i}", VISION, 0, i, vg, m) for i, m in enumerate(vision_layers(adapter))]
+    vg, tg = vision_grid(adapter), adapter.tokens_per_side
+    stages = [Stage(f"{VISION}.{i}", VISION, 0, i, vg, m) for i, m in enumerate(adapter.vision_layers)]
     stages.append(Stage(PROJECTOR, PROJECTOR, 0, None, tg, adapter.projector))
     stages += [Stage(f"{LLM}.{i}", LLM, 0, i, tg, m) for i, m in enumerate(adapter.layers)]
     return [Stage(s.name, s.kind, i, s.layer, s.grid, s.module) for i, s in enumerate(stages)]

@@ -18,6 +18,8 @@ from omegaconf import DictConfig
 from PIL import Image
 from torch import nn
 
+from vlmloc.models.families import Family, site
+from vlmloc.models.families import family as family_facts
 from vlmloc.models.layout import VisualLayout
 
 TASKS = ("classification", "localization")
@@ -62,21 +64,30 @@ class VLMAdapter(ABC):
 
     # ------------------------------------------------------------------ module handles
     @property
+    def facts(self) -> Family:
+        """This family's entry in the family table (`vlmloc.models.families`)."""
+        return family_facts(self.family)
+
+    @property
     def language_model(self) -> nn.Module:
-        """The decoder stack (LlamaModel / Qwen3Model): model.model.language_model."""
-        return self.model.model.language_model
+        """The decoder stack (LlamaModel / Qwen3Model): the `lm` site."""
+        return site(self.model, self.facts, "lm")
 
     @property
     def projector(self) -> nn.Module:
-        return self.model.model.multi_modal_projector
+        return site(self.model, self.facts, "projector")
 
     @property
     def vision_tower(self) -> nn.Module:
-        return self.model.model.vision_tower
+        return site(self.model, self.facts, "vision")
+
+    @property
+    def vision_layers(self) -> nn.ModuleList:
+        return site(self.model, self.facts, "vision.layers")
 
     @property
     def layers(self) -> nn.ModuleList:
-        return self.language_model.layers
+        return site(self.model, self.facts, "lm.layers")
 
     @property
     def n_layers(self) -> int:
@@ -166,6 +177,11 @@ class VLMAdapter(ABC):
         return torch.nonzero(input_ids == self.image_token_id).flatten().cpu()
 
     # ------------------------------------------------------------------ family specifics
+    @property
+    @abstractmethod
+    def tokens_per_side(self) -> int:
+        """Visual tokens per side of one tile (or LLaVA's one grid) at the LM input."""
+
     @abstractmethod
     def n_visual_tokens(self, width: int, height: int) -> int:
         """How many visual tokens an image of this size becomes (without running the processor)."""

@@ -16,7 +16,8 @@ class LlavaAdapter(VLMAdapter):
     family = "llava"
 
     @property
-    def grid_size(self) -> int:
+    def tokens_per_side(self) -> int:
+        """CLIP patches per side, one token each: 336 / 14 = 24."""
         vc = self.model.config.vision_config
         return int(vc.image_size) // int(vc.patch_size)
 
@@ -25,7 +26,7 @@ class LlavaAdapter(VLMAdapter):
         return geometry.llava_grid(
             width,
             height,
-            grid_size=self.grid_size,
+            grid_size=self.tokens_per_side,
             image_size=int(vc.image_size),
             pad_to_square=bool(self.cfg.pad_to_square),
         )
@@ -34,11 +35,11 @@ class LlavaAdapter(VLMAdapter):
         return {"do_pad": bool(self.cfg.pad_to_square)}
 
     def n_visual_tokens(self, width: int, height: int) -> int:
-        return self.grid_size**2
+        return self.tokens_per_side**2
 
     def layout(self, input_ids: torch.Tensor, width: int, height: int) -> VisualLayout:
         positions = self.visual_positions(input_ids).numpy()
-        g = self.grid_size
+        g = self.tokens_per_side
         if len(positions) != g * g:
             raise ValueError(f"expected {g * g} image tokens in the row, found {len(positions)}")
         row, col = np.divmod(np.arange(g * g), g)

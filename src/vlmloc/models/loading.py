@@ -18,13 +18,14 @@ from vlmloc.assets import ASSETS_DIR
 from vlmloc.compat import warn_if_untested
 from vlmloc.errors import VlmlocError
 from vlmloc.models.adapter import VLMAdapter
+from vlmloc.models.families import family as family_facts
 from vlmloc.models.internvl import InternVLAdapter
 from vlmloc.models.llava import LlavaAdapter
 
 log = logging.getLogger("vlmloc.models")
 
+# What is not data in the family table (prompts' parsing, layouts): one adapter class per family.
 ADAPTERS: dict[str, type[VLMAdapter]] = {"llava": LlavaAdapter, "internvl": InternVLAdapter}
-_MODEL_TYPES = {"llava": "llava", "internvl": "internvl"}
 _WEIGHT_GLOBS = ("*.safetensors", "*.bin", "*.safetensors.index.json", "*.bin.index.json")
 # Example corpus for tiny tokenizers: any other word is still spelled from the byte alphabet.
 _TINY_WORDS = ("cat", "person", "cup", "rocket", "dog", "car", "circle", "square", "triangle", "star")
@@ -83,34 +84,37 @@ def check_weights(cfg: DictConfig) -> None:
     except Exception as err:  # hub unreachable, not cached, or not a model repo
         reason = " ".join(str(err).split())
         raise ModelLoadError(f"cannot read the model config for {path!r} ({type(err).__name__}: {reason}). {how}") from err
-    if hf_cfg.model_type != _MODEL_TYPES[family]:
+    expected = family_facts(family).model_type
+    if hf_cfg.model_type != expected:
         raise ModelLoadError(
             f"{path} is a {hf_cfg.model_type!r} checkpoint but model.family={family!r} expects "
-            f"{_MODEL_TYPES[family]!r}; use a transformers-native checkpoint (e.g. {cfg.hub_id})"
+            f"{expected!r}; use a transformers-native checkpoint (e.g. {cfg.hub_id})"
         )
 
 
 def _load_processor(family: str, path: str, revision: str | None) -> Any:
-    """Tokenizer + PIL image processor from the checkpoint's files (no torchvision needed)."""
-    from transformers import AutoTokenizer, GotOcr2ImageProcessorPil, LlavaImageProcessorPil, LlavaProcessor
+    """Tokenizer + the family's PIL image processor from the checkpoint's files (no torchvision needed)."""
+    import transformers
+    from transformers import AutoTokenizer, LlavaProcessor
 
     from vlmloc.models.processors import InternVLImageProcessor
 
     tok = AutoTokenizer.from_pretrained(path, revision=revision)
     tok.padding_side = "left"
+    image_processor = getattr(transformers, family_facts(family).image_processor).from_pretrained(path, revision=revision)
     if family == "llava":
         from transformers import AutoConfig
 
         mcfg = AutoConfig.from_pretrained(path, revision=revision)
         return LlavaProcessor(
-            image_processor=LlavaImageProcessorPil.from_pretrained(path, revision=revision),
+            image_processor=image_processor,
             tokenizer=tok,
             patch_size=int(mcfg.vision_config.patch_size),
             vision_feature_select_strategy=mcfg.vision_feature_select_strategy,
             num_additional_image_tokens=1,
         )
     return InternVLImageProcessor(
-        image_processor=GotOcr2ImageProcessorPil.from_pretrained(path, revision=revision),
+        image_processor=image_processor,
         tokenizer=tok,
         image_seq_length=256,
     )
@@ -118,7 +122,7 @@ def _load_processor(family: str, path: str, revision: str | None) -> Any:
 
 def prompt_corpus(cfg: Any, categories: Sequence[str]) -> list[str]:
     """The full prompt of both tasks for every category, with the family's image placeholder."""
-    placeholder = "<image>" if ADAPTERS[str(cfg.family)] is LlavaAdapter else "<IMG_CONTEXT>"
+    placeholder = family_facts(str(cfg.family)).image_placeholder
     texts = []
     for category in categories:
         for task in ("classification", "localization"):
@@ -141,9 +145,7 @@ def tiny_corpus(cfg: DictConfig) -> list[str]:
 def load_adapter(cfg: DictConfig) -> VLMAdapter:
     """Build the family adapter for `cfg` (the `model` config group)."""
     warn_if_untested()
-    family = str(cfg.family)
-    if family not in ADAPTERS:
-        raise ValueError(f"model.family={family!r} is not one of {sorted(ADAPTERS)}")
+    family = family_facts(str(cfg.family)).name
     device = resolve_device(str(cfg.device))
     dtype = resolve_dtype(str(cfg.dtype), device)
     attn = str(cfg.attn_implementation)
@@ -178,9 +180,9 @@ def load_adapter(cfg: DictConfig) -> VLMAdapter:
 
 
 def _model_class(family: str) -> type:
-    from transformers import InternVLForConditionalGeneration, LlavaForConditionalGeneration
+    import transformers
 
-    return {"llava": LlavaForConditionalGeneration, "internvl": InternVLForConditionalGeneration}[family]
+    return getattr(transformers, family_facts(family).model_class)
 
 
 def lm_shape(model_cfg: Any) -> tuple[int, int]:

@@ -14,7 +14,8 @@ from typing import Any
 import torch
 from transformers import PreTrainedModel, ProcessorMixin
 
-from vlmloc.models.loading import ADAPTERS, prompt_corpus
+from vlmloc.models.families import family
+from vlmloc.models.loading import prompt_corpus
 from vlmloc.models.tiny import build_tiny
 
 # Extra strings the InternVL tokenizer should learn merges for (its answer and grounding tags);
@@ -27,7 +28,7 @@ def tokenizer_corpus(model_cfg: Any, categories: Sequence[str]) -> list[str]:
 
     No numbers: boxes are spelled digit by digit (the real Llama / Qwen tokenizers split digits too).
     """
-    placeholder = "<image>" if ADAPTERS[str(model_cfg.family)].family == "llava" else "<IMG_CONTEXT>"
+    placeholder = family(str(model_cfg.family)).image_placeholder
     texts = prompt_corpus(model_cfg, categories)
     prefix = str(model_cfg.classification.answer_prefix)
     words = list(model_cfg.classification.yes_words) + list(model_cfg.classification.no_words)

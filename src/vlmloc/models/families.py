@@ -1,0 +1,88 @@
+"""The family table: what differs between VLM families as data, not code branches.
+
+One `Family` per supported architecture: which transformers class and config `model_type` it is,
+how its processor is built, the image placeholder its prompts carry before the processor expands
+it, and the named sites the engine hooks, as module paths from the model root:
+
+| site | module |
+|---|---|
+| `lm` | the decoder stack (its input is the LM input; `lm.layers[L]` each LM layer) |
+| `lm.layers` | the decoder's layer list |
+| `projector` | the vision-to-LM projector |
+| `vision` | the vision encoder |
+| `vision.layers` | the vision encoder's layer list |
+
+Each layer of `lm.layers` has `self_attn` (attention knockout) and `self_attn.o_proj` (its input
+holds the heads' outputs, head-major). Adding a family is an entry here plus an adapter
+(prompts, box parsing, the visual layout), see `vlmloc.models.adapter`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from torch import nn
+
+
+@dataclass(frozen=True)
+class Family:
+    """Facts of one VLM family (see the module docstring)."""
+
+    name: str
+    model_type: str  # config.json model_type of a transformers-native checkpoint
+    model_class: str  # transformers class name
+    image_processor: str  # transformers PIL image-processor class name
+    image_placeholder: str  # one image in a prompt, before the processor expands it
+    sites: Mapping[str, str]  # site -> dotted module path from the model root
+
+
+FAMILIES: dict[str, Family] = {
+    "llava": Family(
+        name="llava",
+        model_type="llava",
+        model_class="LlavaForConditionalGeneration",
+        image_processor="LlavaImageProcessorPil",
+        image_placeholder="<image>",
+        sites={
+            "lm": "model.language_model",
+            "lm.layers": "model.language_model.layers",
+            "projector": "model.multi_modal_projector",
+            "vision": "model.vision_tower",
+            "vision.layers": "model.vision_tower.encoder.layers",  # CLIP
+        },
+    ),
+    "internvl": Family(
+        name="internvl",
+        model_type="internvl",
+        model_class="InternVLForConditionalGeneration",
+        image_processor="GotOcr2ImageProcessorPil",
+        image_placeholder="<IMG_CONTEXT>",
+        sites={
+            "lm": "model.language_model",
+            "lm.layers": "model.language_model.layers",
+            "projector": "model.multi_modal_projector",
+            "vision": "model.vision_tower",
+            "vision.layers": "model.vision_tower.encoder.layer",  # InternViT
+        },
+    ),
+}
+
+
+def family(name: str) -> Family:
+    """The table entry of `model.family`, or a clear error naming the known ones."""
+    if name not in FAMILIES:
+        raise ValueError(f"model.family={name!r} is not one of {sorted(FAMILIES)}")
+    return FAMILIES[name]
+
+
+def site(model: nn.Module, fam: Family, name: str) -> Any:
+    """The module at site `name` of `model` (a `fam` model); a clear error if the path is absent."""
+    module: Any = model
+    for part in fam.sites[name].split("."):
+        if not hasattr(module, part):
+            raise ValueError(f"{type(model).__name__} has no {fam.sites[name]!r} (site {name!r} of family "
+                             f"{fam.name!r}): a transformers release that renamed it?")
+        module = getattr(module, part)
+    return module
