@@ -15,7 +15,9 @@ from vlmloc.conditions import Resources, realize
 from vlmloc.data.sample import Sample
 from vlmloc.engine.token_edits import edit_lm_input
 from vlmloc.experiments import extension as ext
+from vlmloc.extension_geometry import GRID_COLUMNS, grow_box
 from vlmloc.models import GLOBAL, LOCAL
+from vlmloc.reports import extension as report
 
 
 def _edits(cond, sample, layout, task, **named):
@@ -128,24 +130,27 @@ def test_gt_box_scaling_hand_checked(tiny_llava, tiny_internvl):
     assert (cols["grid_x0"], cols["grid_y0"], cols["grid_x1"], cols["grid_y1"]) == (0, -50, 400, 350)
     c = 400 / 24
     gt = (100.0, 100.0, 200.0, 150.0)
-    assert ext.grow_box(gt, 0, c, c, 400, 300) == pytest.approx(gt)
-    assert ext.grow_box(gt, 1, c, c, 400, 300) == pytest.approx((83.3333, 83.3333, 216.6667, 166.6667), abs=1e-3)
-    assert ext.grow_box(gt, 2, c, c, 400, 300) == pytest.approx((66.6667, 66.6667, 233.3333, 183.3333), abs=1e-3)
+    assert grow_box(gt, 0, c, c, 400, 300) == pytest.approx(gt)
+    assert grow_box(gt, 1, c, c, 400, 300) == pytest.approx((83.3333, 83.3333, 216.6667, 166.6667), abs=1e-3)
+    assert grow_box(gt, 2, c, c, 400, 300) == pytest.approx((66.6667, 66.6667, 233.3333, 183.3333), abs=1e-3)
     # the same as scaling about the centre by (w + 2qc)/w per axis (here a square box)
     sq = (100.0, 100.0, 150.0, 150.0)
-    assert ext.grow_box(sq, 2, c, c, 400, 300) == pytest.approx(geometry.scale_box(sq, (50 + 4 * c) / 50, 400, 300))
+    assert grow_box(sq, 2, c, c, 400, 300) == pytest.approx(geometry.scale_box(sq, (50 + 4 * c) / 50, 400, 300))
     # clipped at the image border
-    assert ext.grow_box((10.0, 5.0, 50.0, 40.0), 1, c, c, 400, 300) == pytest.approx((0, 0, 66.6667, 56.6667), abs=1e-3)
+    assert grow_box((10.0, 5.0, 50.0, 40.0), 1, c, c, 400, 300) == pytest.approx((0, 0, 66.6667, 56.6667), abs=1e-3)
     # InternVL, cell=local: the finest grid is the local canvas (300x500 -> 2x3 crops -> 48 x 32 tokens) ...
     cols = ext.grid_columns(ext.layout_for_size(tiny_internvl, 300, 500), "local")
     assert cols["grid_view"] == LOCAL and (cols["grid_rows"], cols["grid_cols"]) == (48, 32)
     assert cols["cell_w"] == pytest.approx(300 / 32) and cols["cell_h"] == pytest.approx(500 / 48)
-    assert ext.grow_box((100, 200, 200, 300), 2, cols["cell_w"], cols["cell_h"], 300, 500) == pytest.approx(
+    assert grow_box((100, 200, 200, 300), 2, cols["cell_w"], cols["cell_h"], 300, 500) == pytest.approx(
         (100 - 600 / 32, 200 - 1000 / 48, 200 + 600 / 32, 300 + 1000 / 48)
     )
     # ... and a single-tile image's one grid (labelled global): 448 / 16 = 28 px
     cols = ext.grid_columns(ext.layout_for_size(tiny_internvl, 448, 448))
     assert cols["grid_view"] == GLOBAL and cols["cell_w"] == cols["cell_h"] == 28
+
+
+NAMES = {p: ext.condition_name(p) for p in (0, 1, 2)}
 
 
 def _row(pad, pred, gt=(100.0, 100.0, 200.0, 150.0), cell=10.0):
@@ -160,7 +165,7 @@ def test_extension_matrix_hand_checked():
         _row(2, None),                          # unparsed: a miss everywhere
         {**_row(2, None), "task": "classification"},  # ignored
     ])
-    m = ext.extension_matrix(df, [0, 1, 2]).set_index("pad")
+    m = report.extension_matrix(df, [0, 1, 2], NAMES).set_index("pad")
     third = 100 / 3
     assert m.loc[0, ["q=0", "q=1", "q=2"]].tolist() == pytest.approx([100, third, 0])
     assert m.loc[1, ["q=0", "q=1", "q=2"]].tolist() == pytest.approx([third, 100, third])
@@ -186,15 +191,15 @@ def test_extension_end_to_end_tiny_llava(tiny_llava, tmp_path, monkeypatch, caps
                       "experiment.n_examples=2", data_dir=tmp_path)
     run_dir = tmp_path / "run"
     app.run(cfg, run_dir)
-    for name in ("results.parquet", "run.json", ext.MATRIX_FILE, ext.MATRIX_FIG, ext.EXAMPLES_FIG):
+    for name in ("results.parquet", "run.json", report.MATRIX_FILE, report.MATRIX_FIG, report.EXAMPLES_FIG):
         assert (run_dir / name).stat().st_size > 0, name
     df = pd.read_parquet(run_dir / "results.parquet")
     assert len(df) == 12 and set(df["task"]) == {"localization"}
     assert df.groupby("condition")["pad"].first().to_dict() == {"baseline": 0, "extension:p=1": 1, "extension:p=2": 2}
     assert (df.loc[df["pad"] == 0, "n_edited"] == 0).all() and (df.loc[df["pad"] > 0, "n_edited"] > 0).all()
     assert (df.sort_values("pad").groupby("sample_id")["n_edited"].apply(lambda s: s.is_monotonic_increasing)).all()
-    assert set(ext.GRID_COLUMNS) <= set(df.columns) and (df["cell_w"] > 0).all()
-    md = (run_dir / ext.MATRIX_FILE).read_text()
+    assert set(GRID_COLUMNS) <= set(df.columns) and (df["cell_w"] > 0).all()
+    md = (run_dir / report.MATRIX_FILE).read_text()
     assert "extension:p=2" in md and "GT+2" in md
     assert "| extension:p=1 |" in capsys.readouterr().out
     # a rerun does no new work and rebuilds the matrix from the parquet alone: with every prediction
@@ -203,16 +208,16 @@ def test_extension_end_to_end_tiny_llava(tiny_llava, tmp_path, monkeypatch, caps
 
     store = ResultStore(run_dir)
     stored = store.load()
-    stored["pred_box"] = [list(ext.grow_box(r.gt_box, r.pad, r.cell_w, r.cell_h, r.width, r.height))
-                          for r in stored.itertuples()]
+    stored["pred_box"] = [list(grow_box(r.gt_box, r.pad, r.cell_w, r.cell_h, r.width, r.height))
+                      for r in stored.itertuples()]
     store.add(stored)
     monkeypatch.setattr(runner, "evaluate", lambda *a, **k: pytest.fail("a finished run must do no new work"))
-    (run_dir / ext.EXAMPLES_FIG).unlink()
+    (run_dir / report.EXAMPLES_FIG).unlink()
     app.run(cfg, run_dir)
-    m = ext.extension_matrix(pd.read_parquet(run_dir / "results.parquet"), [0, 1, 2]).set_index("pad")
+    m = report.extension_matrix(pd.read_parquet(run_dir / "results.parquet"), [0, 1, 2], NAMES).set_index("pad")
     assert [m.loc[p, f"q={p}"] for p in (0, 1, 2)] == [100, 100, 100] and list(m["best_q"]) == [0, 1, 2]
-    assert (run_dir / ext.EXAMPLES_FIG).exists()
-    row = next(line for line in (run_dir / ext.MATRIX_FILE).read_text().splitlines() if line.startswith("|   2 | extension:p=2"))
+    assert (run_dir / report.EXAMPLES_FIG).exists()
+    row = next(line for line in (run_dir / report.MATRIX_FILE).read_text().splitlines() if line.startswith("|   2 | extension:p=2"))
     cells = [c.strip() for c in row.split("|")]
     assert (cells[3], cells[6], cells[7]) == ("4", "100.00", "2")  # n, GT+2, best q
 

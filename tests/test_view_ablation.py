@@ -15,6 +15,7 @@ from vlmloc import app
 from vlmloc.conditions import Resources, realize
 from vlmloc.experiments import view_ablation as va
 from vlmloc.models import GLOBAL, LOCAL
+from vlmloc.reports import view_ablation as report
 
 
 def _edits(cond, sample, layout, task, **named):
@@ -90,7 +91,7 @@ def test_size_bins_default_to_coco_sizes_relative_to_640x480():
     cfg = compose_cfg("experiment=view_ablation", "model=tiny_internvl")
     edges, labels = va.check_bins(cfg.experiment.size_bins.edges, cfg.experiment.size_bins.labels)
     assert edges == pytest.approx([32**2 / (640 * 480), 96**2 / (640 * 480)], abs=1e-4) and labels == ["small", "medium", "large"]
-    got = va.size_bins(pd.Series([0.001, 0.0033, 0.02, 0.03, 0.6]), edges, labels)
+    got = report.size_bins(pd.Series([0.001, 0.0033, 0.02, 0.03, 0.6]), edges, labels)
     assert list(got) == ["small", "medium", "medium", "large", "large"]  # left-closed
     with pytest.raises(ValueError, match="need 3 labels"):
         va.check_bins([0.1, 0.2], ["a", "b"])
@@ -115,7 +116,7 @@ def test_view_table_deltas_per_size_bin_and_single_tile_kept_apart():
     # a single-tile image that fails everything: must not enter the main table
     rows.append(_cls("baseline", False, 0.2, thumb=False, sid="s1"))
     rows.append(_cls("object_tokens:view=global", False, 0.2, thumb=False, sid="s1"))
-    long = va.view_table(pd.DataFrame(rows), [0.0033, 0.03], ["small", "medium", "large"])
+    long = report.view_table(pd.DataFrame(rows), [0.0033, 0.03], ["small", "medium", "large"])
     multi = long[long["group"] == "multi_tile"].set_index(["size_bin", "condition"])
     assert multi.loc[("medium", "object_tokens:view=local"), "delta"] == pytest.approx(-50)
     assert multi.loc[("medium", "object_tokens:view=global"), "delta"] == pytest.approx(0)
@@ -124,7 +125,7 @@ def test_view_table_deltas_per_size_bin_and_single_tile_kept_apart():
     assert "small" not in multi.index.get_level_values(0)
     single = long[long["group"] == "single_tile"]
     assert set(single["size_bin"]) == {"large", "all"} and (single["n"] == 1).all()
-    md = va.table_markdown(long, [c.name for c in va.view_conditions(["global", "local"])], [0.0033, 0.03], ["small", "medium", "large"], "head")
+    md = report.table_markdown(long, [c.name for c in va.view_conditions(["global", "local"])], [0.0033, 0.03], ["small", "medium", "large"], "head")
     assert "1 single-tile object(s) reported separately" in md and "medium (n=2)" in md
 
 
@@ -138,7 +139,7 @@ def test_view_ablation_end_to_end_tiny_internvl(tiny_internvl, tmp_path, monkeyp
         monkeypatch.setattr(va, "load_mean_embedding", lambda ctx: stand_in_mean(ctx.adapter))
     run_dir = tmp_path / "run"
     app.run(cfg, run_dir)
-    for name in ("results.parquet", "run.json", va.TABLE_FILE, va.FIG_FILE):
+    for name in ("results.parquet", "run.json", report.TABLE_FILE, report.FIG_FILE):
         assert (run_dir / name).stat().st_size > 0, name
     df = pd.read_parquet(run_dir / "results.parquet")
     assert len(df) == 2 * 2 * 4
@@ -147,6 +148,6 @@ def test_view_ablation_end_to_end_tiny_internvl(tiny_internvl, tmp_path, monkeyp
     assert edited["baseline"] == 0 and 0 < edited["object_tokens:view=global"] < edited["object_tokens:view=both"]
     assert edited["object_tokens:view=global"] + edited["object_tokens:view=local"] == edited["object_tokens:view=both"]
     assert set(df["size_bin"]) <= {"small", "medium", "large"}
-    md = (run_dir / va.TABLE_FILE).read_text()
+    md = (run_dir / report.TABLE_FILE).read_text()
     assert "Change vs baseline" in md and "object_tokens:view=local" in md
     assert "# View ablation (Table 3)" in capsys.readouterr().out
