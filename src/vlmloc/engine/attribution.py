@@ -18,6 +18,7 @@ import torch
 from PIL import Image
 
 from vlmloc.engine.hooks import Call, Hooks
+from vlmloc.engine.runner import answer_logprobs, yes_no_margin
 from vlmloc.models.adapter import VLMAdapter
 
 
@@ -37,14 +38,8 @@ def _answer_logprob(adapter: VLMAdapter, logits: torch.Tensor, answer_ids: torch
     """[rows] f for each row of logits [rows, seq, vocab] (classification if answer_ids is None)."""
     logp = torch.log_softmax(logits.float(), dim=-1)
     if answer_ids is None:
-        last = logp[:, -1]
-        lp_yes = torch.logsumexp(last[:, adapter.yes_ids], dim=-1)
-        lp_no = torch.logsumexp(last[:, adapter.no_ids], dim=-1)
-        return torch.nn.functional.logsigmoid(lp_yes - lp_no)
-    n = answer_ids.shape[0]
-    # logits at t predict token t+1: the answer's tokens are predicted by the n positions before them
-    pred = logp[:, -n - 1 : -1]
-    return pred.gather(-1, answer_ids.view(1, n, 1).expand(pred.shape[0], n, 1)).squeeze(-1).sum(-1)
+        return torch.nn.functional.logsigmoid(yes_no_margin(adapter, logp[:, -1]))
+    return answer_logprobs(logp, answer_ids).sum(-1)
 
 
 def integrated_gradients(

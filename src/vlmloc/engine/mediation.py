@@ -23,6 +23,7 @@ import torch
 
 from vlmloc.engine.heads import HeadEdit, capture_heads, capture_layer_inputs, edit_heads, head_slice, run_from_layer
 from vlmloc.engine.prefix import first_post_image_position
+from vlmloc.engine.runner import answer_logprobs, yes_no_margin
 from vlmloc.models.adapter import PreparedBatch, VLMAdapter
 
 
@@ -38,13 +39,9 @@ def answer_probability(adapter: VLMAdapter, logits: torch.Tensor, input_ids: tor
     """[rows] P from logits [rows, t, vocab] that end at the sequence end; input_ids [seq] of the row."""
     logp = torch.log_softmax(logits.float(), dim=-1)
     if target.answer_len == 0:
-        last = logp[:, -1]
-        margin = torch.logsumexp(last[:, adapter.yes_ids], -1) - torch.logsumexp(last[:, adapter.no_ids], -1)
-        return torch.sigmoid(margin)
+        return torch.sigmoid(yes_no_margin(adapter, logp[:, -1]))
     n = target.answer_len
-    answer = input_ids[-n:].to(logits.device)
-    # logits at t predict token t + 1
-    lp = logp[:, -n - 1 : -1].gather(-1, answer.view(1, n, 1).expand(logp.shape[0], n, 1)).squeeze(-1)
+    lp = answer_logprobs(logp, input_ids[-n:])
     # summed and exponentiated in float64: a product over a long answer (35 tokens at log P -3
     # each is e^-105) is 0 in float32, which would make every such pair's MF undefined
     total = lp.double().sum(-1)

@@ -1,7 +1,9 @@
-"""Batched model runners: score a yes/no question from one forward pass, generate answers greedily.
+"""Readouts: what is read from the model's output. The yes/no margin of the next token, the
+log-probability of a teacher-forced answer, the greedy answer.
 
-Both take a PreparedBatch (left padded, position ids from the attention mask), so a batch of
-rows gives the same numbers as each row alone, within float tolerance.
+The batched ones take a PreparedBatch (left padded, position ids from the attention mask), so a
+batch of rows gives the same numbers as each row alone, within float tolerance. The pure ones
+(`yes_no_margin`, `answer_logprobs`) are shared by evaluation, mediation and attribution.
 """
 
 from __future__ import annotations
@@ -19,11 +21,24 @@ def next_token_logprobs(adapter: VLMAdapter, batch: PreparedBatch) -> torch.Tens
     return torch.log_softmax(out.logits[:, -1].float(), dim=-1)
 
 
+def yes_no_margin(adapter: VLMAdapter, logprobs: torch.Tensor) -> torch.Tensor:
+    """[rows] log P(yes) - log P(no) from next-token log-probabilities [rows, vocab], each side
+    summed over the configured answer words' first tokens; sigmoid of it is P(yes) / (P(yes) + P(no))."""
+    return torch.logsumexp(logprobs[:, adapter.yes_ids], dim=-1) - torch.logsumexp(logprobs[:, adapter.no_ids], dim=-1)
+
+
+def answer_logprobs(logprobs: torch.Tensor, answer_ids: torch.Tensor) -> torch.Tensor:
+    """[rows, n] log-probability of each of the n answer tokens that end the sequence, from
+    log-probabilities [rows, t, vocab] (t > n) that end at the sequence end."""
+    n = answer_ids.shape[0]
+    # logits at t predict token t + 1: the answer's tokens are predicted by the n positions before them
+    pred = logprobs[:, -n - 1 : -1]
+    return pred.gather(-1, answer_ids.to(pred.device).view(1, n, 1).expand(pred.shape[0], n, 1)).squeeze(-1)
+
+
 def yes_probability(adapter: VLMAdapter, logprobs: torch.Tensor) -> np.ndarray:
-    """[batch] P(yes) / (P(yes) + P(no)), each summed over the configured answer words' first tokens."""
-    lp_yes = torch.logsumexp(logprobs[:, adapter.yes_ids], dim=-1)
-    lp_no = torch.logsumexp(logprobs[:, adapter.no_ids], dim=-1)
-    return torch.sigmoid(lp_yes - lp_no).cpu().numpy()
+    """[batch] P(yes) / (P(yes) + P(no)) from next-token log-probabilities [batch, vocab]."""
+    return torch.sigmoid(yes_no_margin(adapter, logprobs)).cpu().numpy()
 
 
 @torch.no_grad()
