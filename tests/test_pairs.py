@@ -19,6 +19,7 @@ from vlmloc.data.pairs import MANIFEST_COLUMNS, MANIFEST_FILE, inpainted_sample,
 from vlmloc.evaluation import classification_outcome
 from vlmloc.experiments import make_pairs
 from vlmloc.inpaint import Inpainter
+from vlmloc.reports.make_pairs import FIGURE_FILE
 
 SYN = ("data=synthetic", "data.n=6", "data.synthetic.n_images=8", "data.filters.min_area_frac=0.01",
        "experiment.figure_examples=2")  # a small figure: drawing it is most of a run's cost here
@@ -146,7 +147,7 @@ def test_rerun_does_no_new_work_and_resume_redoes_only_the_missing(tmp_path, tin
     run_dir = tmp_path / "run"
     _run(cfg, run_dir, tiny_llava)
     assert sorted(sum(fills, [])) == sorted(s.sample_id for s in samples) and len(fills) == 2  # batches of 4
-    files = [run_dir / n for n in (MANIFEST_FILE, "run.json", "summary.md", make_pairs.FIGURE_FILE)]
+    files = [run_dir / n for n in (MANIFEST_FILE, "run.json", "summary.md", FIGURE_FILE)]
     files += sorted((run_dir / "pairs").glob("*.png"))
     assert len(files) == 4 + len(samples)
     stamp = {f: f.stat().st_mtime_ns for f in files}
@@ -190,7 +191,7 @@ def _check_run(run_dir, n_objects: int, backend: str, margin: int):
     assert counts["kept"] == counts["not_recognized_inpainted"] <= counts["recognized_original"] <= n_objects
     assert counts["kept"] == int(m["kept"].sum())
     assert info["inpaint"]["backend"] == backend and info["config"]["experiment"]["name"] == "make_pairs"
-    assert (run_dir / make_pairs.FIGURE_FILE).stat().st_size > 0
+    assert (run_dir / FIGURE_FILE).stat().st_size > 0
     pairs = _load_pairs(run_dir)
     kept = m[m["kept"]].set_index("sample_id")
     assert sorted(p.sample_id for p in pairs) == sorted(kept.index)

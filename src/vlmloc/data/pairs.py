@@ -6,6 +6,9 @@
     samples, report = load_pairs("outputs/make_pairs-llava7b-coco", n=50)   # data=pairs
     base = inpainted_sample(samples[0])     # the same object's record, image = the inpainted one
 
+experiment=make_pairs builds them with the helpers at the end of this module: `current_rows`,
+`inpaint_missing`, `inpainted_view` and the filter rule `admitted` / `step_counts`.
+
 A pairs `Sample` is the ORIGINAL sample (image, box, mask, category as the source data gave
 them) with `meta["inpainted_path"]` (absolute path of the inpainted image) and `meta["pair"]`
 (the model answers that admitted it). Causal mediation uses source = the sample,
@@ -42,8 +45,9 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
@@ -52,6 +56,9 @@ import pyarrow.parquet as pq
 
 from vlmloc.data.coco import DataError, select_subset
 from vlmloc.data.sample import Sample
+
+if TYPE_CHECKING:
+    from vlmloc.inpaint import Inpainter
 
 log = logging.getLogger("vlmloc.data")
 
@@ -228,3 +235,111 @@ def load_pairs(
     for r in report:
         log.info("data filter %-16s kept %6d  dropped %6d", r["filter"], r["kept"], r["dropped"])
     return samples, report
+
+
+# --------------------------------------------------------------------------- building the pairs
+# The data side of experiment=make_pairs: which manifest rows are current, inpainting, the view of a
+# sample on its inpainted image and the filter rule. Asking the model is the experiment's part.
+
+INPAINTED_SUFFIX = "/inpainted"
+
+
+def current_rows(manifest: pd.DataFrame, samples: Sequence[Sample]) -> dict[str, dict[str, Any]]:
+    """Manifest rows of this run's samples by sample_id; rows of other samples are dropped
+    (the manifest describes the current data config, so data=pairs loads only its pairs)."""
+    ids = {s.sample_id for s in samples}
+    rows = {r["sample_id"]: r for r in manifest.to_dict("records") if r["sample_id"] in ids}
+    if len(rows) < len(manifest):
+        log.info("dropping %d manifest rows of samples not in this run's data", len(manifest) - len(rows))
+    return rows
+
+
+def _batches(items: Sequence[Sample], size: int) -> Iterator[list[Sample]]:
+    for start in range(0, len(items), size):
+        yield list(items[start : start + size])
+
+
+def inpaint_missing(
+    inpainter: Inpainter, samples: Sequence[Sample], rows: dict[str, dict[str, Any]], pairs_dir: Path
+) -> int:
+    """Inpaint every sample whose image is missing or was made with other settings; returns how many.
+
+    `rows` (manifest rows by sample_id) gets a fresh row, not yet kept, for each. The manifest is
+    written after each batch, so an interrupted run resumes after the last one.
+    """
+    from vlmloc.results import atomic_write
+
+    key = inpainter.key()
+    info = inpainter.info()
+
+    def done(s: Sample) -> bool:
+        row = rows.get(s.sample_id)
+        return row is not None and row["inpaint_key"] == key and (pairs_dir / row["inpainted_path"]).is_file()
+
+    todo = [s for s in samples if not done(s)]
+    stale = sum(1 for s in todo if s.sample_id in rows)
+    if stale:
+        log.warning("%d stored inpaintings were made with other settings than %s: redoing them", stale, info)
+    log.info("inpainting %d of %d objects (%s)", len(todo), len(samples), inpainter.backend)
+    for chunk in _batches(todo, inpainter.batch_size):
+        masks = [s.mask() for s in chunk]
+        out = inpainter.inpaint([s.load_image() for s in chunk], masks, chunk)
+        for s, im, m in zip(chunk, out, masks):
+            rel = inpainted_name(s.sample_id)
+            atomic_write(pairs_dir / rel, lambda f, im=im: im.save(f, format="PNG", compress_level=3))
+            rows[s.sample_id] = {
+                **sample_record(s),
+                "inpainted_path": rel,
+                "mask_margin_px": inpainter.dilate_px,
+                "hole_frac": float(inpainter.hole(m).mean()),
+                "inpaint_backend": inpainter.backend,
+                "inpaint_checkpoint": info.get("checkpoint"),
+                "inpaint_checkpoint_md5": info.get("checkpoint_md5"),
+                "inpaint_key": key,
+                "kept": False,  # answers are asked next
+            }
+        write_manifest(pairs_dir, pd.DataFrame(list(rows.values())))
+    return len(todo)
+
+
+def inpainted_view(sample: Sample, pairs_dir: Path) -> Sample:
+    """The sample pointing at its inpainted image (same object record, other image file).
+
+    Its sample_id gets INPAINTED_SUFFIX so both images can share one evaluate call: evaluate
+    caches images by sample_id within a batch.
+    """
+    return dataclasses.replace(
+        sample, sample_id=sample.sample_id + INPAINTED_SUFFIX, image_path=pairs_dir / inpainted_name(sample.sample_id)
+    )
+
+
+def _true(v: Any) -> bool:
+    return not _missing(v) and bool(v)
+
+
+def admitted(row: dict[str, Any], require_localization: bool) -> bool:
+    """The pair rule: recognized in the original, not in the inpainted image [, localized in the original]."""
+    ok = (_true(row.get("recognized_original")) and not _missing(row.get("recognized_inpainted"))
+          and not bool(row["recognized_inpainted"]))
+    return ok and (not require_localization or _true(row.get("localized_original")))
+
+
+def step_counts(rows: dict[str, dict[str, Any]], require_localization: bool) -> list[dict[str, Any]]:
+    """Objects left after each step of the filter, cumulative: [{step, kept, dropped}]."""
+    r = list(rows.values())
+    steps = [
+        ("inpainted", lambda x: True),
+        ("recognized_original", lambda x: _true(x.get("recognized_original"))),
+        ("not_recognized_inpainted", lambda x: admitted(x, False)),
+    ]
+    if require_localization:
+        steps.append(("localized_original", lambda x: admitted(x, True)))
+    out = [{"step": "objects", "kept": len(r), "dropped": 0}]
+    left = r
+    for name, keep in steps:
+        now = [x for x in left if keep(x)]
+        out.append({"step": name, "kept": len(now), "dropped": len(left) - len(now)})
+        left = now
+    n_kept = sum(bool(x["kept"]) for x in r)
+    out.append({"step": "kept", "kept": n_kept, "dropped": len(r) - n_kept})
+    return out
