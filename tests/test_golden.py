@@ -167,3 +167,13 @@ def record(out: Path, names: list[str] | None = None) -> None:
 
 if __name__ == "__main__":
     record(Path(sys.argv[1]), sys.argv[2:] or None)
+
+
+def test_every_experiment_config_is_run_end_to_end():
+    """A new file under configs/experiment/ cannot ship unrun: each has a golden record here
+    (suite, which runs other experiments, is run end to end by tests/test_suite.py)."""
+    from vlmloc.__main__ import config_dir
+
+    configs = {p.stem for p in (config_dir() / "experiment").glob("*.yaml")} - {"suite"}
+    run_here = {o.split("=", 1)[1] for overrides in RUNS.values() for o in overrides if o.startswith("experiment=")}
+    assert configs == run_here, f"experiment configs without a golden run: {sorted(configs - run_here)}"
