@@ -19,7 +19,8 @@ from vlmloc.engine.heads import capture_heads, edit_heads
 from vlmloc.conditions import BASELINE, AblateHeads, Condition, Resources, realize
 from vlmloc.evaluation import evaluate
 from vlmloc.experiments import head_ablation as ha
-from vlmloc.experiments.head_ablation import Plan, rank_heads, random_heads
+from vlmloc.experiments.head_ablation import Plan
+from vlmloc.head_ranking import k_values, rank_heads, random_heads, top_heads
 
 TASK = "classification"
 
@@ -140,11 +141,11 @@ def test_per_row_head_conditions_in_one_batch_equal_one_at_a_time(tiny_llava, tw
     conds = ha.conditions(plan, ad.n_heads, seed=0)
     (cls3,) = [c for c in conds if c.name == "heads:cls_critical:k=3"]
     assert cls3.tasks == ("localization",) and cls3.interventions == (
-        AblateHeads((("localization", tuple(ha.top_heads(plan.ranks["classification"], 3))),), "mean"),)
+        AblateHeads((("localization", tuple(top_heads(plan.ranks["classification"], 3))),), "mean"),)
     assert evaluate(ad, two_samples, [TASK], batch_size=8, conditions=[cls3], progress=False).empty
     # cls_critical is measured on localization only; here its heads are ablated on classification
     conds = [c for c in conds if c.name in (BASELINE.name, "heads:top:k=1", "heads:random:k=3")] + [
-        Condition("cls_heads_on_cls", (AblateHeads(((TASK, tuple(ha.top_heads(plan.ranks["classification"], 3))),)),))]
+        Condition("cls_heads_on_cls", (AblateHeads(((TASK, tuple(top_heads(plan.ranks["classification"], 3))),)),))]
     together = evaluate(ad, two_samples, [TASK], batch_size=8, conditions=conds, progress=False, resources=means)
     alone = pd.concat([evaluate(ad, [s], [TASK], batch_size=1, conditions=[c], progress=False, resources=means)
                        for s in two_samples for c in conds])
@@ -177,7 +178,7 @@ def test_rank_heads_on_a_hand_made_frame():
     assert rank_heads(text_rows, "localization", "text")[["layer", "head"]].values.tolist() == [[1, 2]]
     with pytest.raises(ValueError, match="no MF rows"):
         rank_heads(df, "localization", "text")
-    assert ha.k_values([1, 2, 50, "all"], 8) == [1, 2, 8]
+    assert k_values([1, 2, 50, "all"], 8) == [1, 2, 8]
 
 
 def test_median_and_pooled_mf_rank_against_a_small_denominator():

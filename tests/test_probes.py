@@ -16,7 +16,9 @@ from vlmloc.data.coco import DataError
 from vlmloc.data.images import list_images, load_image_split, split_images
 from vlmloc.engine.capture import model_stages
 from vlmloc.experiments import position_probe as pp
-from vlmloc.probes import PositionScores, ProbeSpec, SklearnProbes, TorchProbes, choose_trainer, labels, position_grid
+from vlmloc.probe_training import ACCURACY_COLUMNS, probe_positions, probe_prompt, resolve_stages, subsample
+from vlmloc.probes import PositionScores, ProbeSpec, SklearnProbes, TorchProbes, choose_trainer, labels
+from vlmloc.reports.position_probe import FIG2_FILE, FIG11_FILE, plot_heatmaps, position_grid
 
 
 def _image_folder(folder, sizes):
@@ -138,7 +140,7 @@ def test_heatmap_indexing_token_rc_lands_at_rc():
     assert acc["row_col"] == pytest.approx(1 / 36) and acc["row"] == pytest.approx(2 / 36)
     # the figure shows exactly that grid, (r, c) at image row r, column c
     per_pos["stage_index"], per_pos["kind"] = 0, "projector"
-    fig = pp.plot_heatmaps(per_pos[per_pos.target == "row_col"], ["projector"])
+    fig = plot_heatmaps(per_pos[per_pos.target == "row_col"], ["projector"])
     np.testing.assert_array_equal(np.asarray(fig.axes[0].images[0].get_array()), expected)
 
 
@@ -146,22 +148,22 @@ def test_subsample_keeps_tokens_aligned():
     x = torch.arange(20.0).repeat(3, 1).T  # token i has features [i, i, i]
     pos = torch.arange(20) + 100
     view = np.array([f"v{i}" for i in range(20)])
-    out = pp.subsample({"s": (x, pos, view)}, 0.25, torch.Generator().manual_seed(0))
+    out = subsample({"s": (x, pos, view)}, 0.25, torch.Generator().manual_seed(0))
     xs, ps, vs = out["s"]
     assert len(ps) == 5 and len(set(ps.tolist())) == 5
     assert (xs[:, 0].long() + 100 == ps).all() and [f"v{p - 100}" for p in ps.tolist()] == list(vs)
-    assert pp.subsample({"s": (x, pos, view)}, 1.0, torch.Generator())["s"][1] is pos
+    assert subsample({"s": (x, pos, view)}, 1.0, torch.Generator())["s"][1] is pos
 
 
 def test_resolve_stages_aliases(tiny_llava):
     stages = model_stages(tiny_llava)  # vision.0-1, projector, llm.0-1
-    names = lambda specs: [s.name for s in pp.resolve_stages(specs, stages)]  # noqa: E731
+    names = lambda specs: [s.name for s in resolve_stages(specs, stages)]  # noqa: E731
     assert names(None) == ["vision.0", "vision.1", "projector", "llm.0", "llm.1"]
     assert names(["llm.last", "vision.last", "projector"]) == ["vision.1", "projector", "llm.1"]
     assert names(["vision", "llm.-2"]) == ["vision.0", "vision.1", "llm.0"]
     assert names(["llm.mid"]) == ["llm.1"]
     with pytest.raises(ValueError, match="unknown stage"):
-        pp.resolve_stages(["llm.7"], stages)
+        resolve_stages(["llm.7"], stages)
 
 
 # --------------------------------------------------------------------------- positional code on a tiny model
@@ -172,7 +174,7 @@ FAST_PROBE = {"target": "position", "trainer": "torch", "epochs": 4, "epoch_mode
 
 def test_positional_code_is_decoded_and_shuffled_positions_are_not(tiny_llava, tmp_path):
     paths = _image_folder(tmp_path, [(64 + 8 * i, 48) for i in range(10)])
-    stages = pp.resolve_stages(["projector"], model_stages(tiny_llava))
+    stages = resolve_stages(["projector"], model_stages(tiny_llava))
     code = torch.randn(576, 64, generator=torch.Generator().manual_seed(0))
     gen = torch.Generator().manual_seed(1)
 
@@ -186,8 +188,8 @@ def test_positional_code_is_decoded_and_shuffled_positions_are_not(tiny_llava, t
     for hook in (add_code, shuffle):
         handle = tiny_llava.projector.register_forward_hook(hook)
         try:
-            res = pp.probe_positions(tiny_llava, paths[:8], paths[8:], stages, FAST_PROBE, batch_size=4,
-                                     prompt=pp.probe_prompt(tiny_llava, "Describe the image."))
+            res = probe_positions(tiny_llava, paths[:8], paths[8:], stages, FAST_PROBE, batch_size=4,
+                                  prompt=probe_prompt(tiny_llava, "Describe the image."))
         finally:
             handle.remove()
         row = res.accuracy.set_index("stage").loc["projector"]
@@ -216,7 +218,7 @@ def test_experiment_tiny_internvl_image_folder_then_resume(tiny_internvl, tmp_pa
     pp.check_inputs(ctx)
     pp.run(ctx)
     acc = pd.read_parquet(run_dir / pp.ACCURACY_FILE)
-    assert set(pp.ACCURACY_COLUMNS) <= set(acc.columns)
+    assert set(ACCURACY_COLUMNS) <= set(acc.columns)
     assert list(acc.drop_duplicates("stage").stage) == ["vision.1", "projector", "llm.1"]
     assert list(acc.drop_duplicates("stage").stage_index) == [1, 2, 4]
     assert set(acc.view) == {"all", "global", "local"}
@@ -227,9 +229,9 @@ def test_experiment_tiny_internvl_image_folder_then_resume(tiny_internvl, tmp_pa
     n_all = grids.loc[("llm.1", "all"), "n_test_tokens"]
     assert n_all == grids.loc[("llm.1", "global"), "n_test_tokens"] + grids.loc[("llm.1", "local"), "n_test_tokens"]
     per_pos = pd.read_parquet(run_dir / pp.PER_POSITION_FILE)
-    assert pp.position_grid(per_pos, "vision.1", "position").shape == (32, 32)
-    assert pp.position_grid(per_pos, "llm.1", "position", "local").shape == (16, 16)
-    for name in (pp.FIG2_FILE, pp.FIG11_FILE, "summary.md", "run.json"):
+    assert position_grid(per_pos, "vision.1", "position").shape == (32, 32)
+    assert position_grid(per_pos, "llm.1", "position", "local").shape == (16, 16)
+    for name in (FIG2_FILE, FIG11_FILE, "summary.md", "run.json"):
         assert (run_dir / name).stat().st_size > 0
     info = json.loads((run_dir / "run.json").read_text())
     assert info["data"]["n_train"] == 3 and info["position_probe"]["trainer"] == "torch"

@@ -29,7 +29,8 @@ from vlmloc.engine.heads import HeadEdit, head_slice
 from vlmloc.engine.knockout import Knockout, post_image_queries
 from vlmloc.engine.token_edits import TokenEdit
 from vlmloc.models.layout import VisualLayout
-from vlmloc.selection import RANDOM_FROM, object_positions, random_positions, row_rng, top_k_positions
+from vlmloc.seeds import row_rng
+from vlmloc.selection import RANDOM_FROM, object_positions, random_positions, top_k_positions
 
 Head = tuple[int, int]  # (layer, head)
 ABLATIONS = ("mean", "zero")

@@ -332,7 +332,8 @@ class PositionScores:
         return sorted({v for _, _, v in self.counts})
 
     def per_position(self) -> pd.DataFrame:
-        """Tidy per-position table: stage, target, view (incl. "all"), row, col, n, correct, accuracy."""
+        """Tidy per-position table: stage, target, view (incl. "all"), row, col, n, correct, accuracy
+        (`vlmloc.reports.position_probe.position_grid` lays one probe's rows out as its grid)."""
         rows = []
         for (stage, target), by_view in self._with_all().items():
             g = self.grid[stage]
@@ -367,13 +368,3 @@ class PositionScores:
             out[key] = {"all": total, **(by_view if len(by_view) > 1 else {})}
         return out
 
-
-def position_grid(per_position: pd.DataFrame, stage: str, target: str, view: str = "all") -> np.ndarray:
-    """[G, G] per-position accuracy of one probe: token (r, c) lands at [r, c]; NaN where unseen."""
-    df = per_position[(per_position.stage == stage) & (per_position.target == target) & (per_position.view == view)]
-    if df.empty:
-        raise KeyError(f"no per-position scores for stage={stage} target={target} view={view}")
-    g = int(max(df["row"].max(), df["col"].max())) + 1
-    grid = np.full((g, g), np.nan)
-    grid[df["row"].to_numpy(), df["col"].to_numpy()] = df["accuracy"].to_numpy()
-    return grid

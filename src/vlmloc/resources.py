@@ -27,7 +27,7 @@ from vlmloc.data.sample import Sample
 from vlmloc.engine.attribution import integrated_gradients
 from vlmloc.engine.head_means import HeadMeans, head_means
 from vlmloc.engine.mean_embedding import mean_visual_embedding
-from vlmloc.engine.visual_features import iter_unique_images, projector_io
+from vlmloc.engine.visual_features import prepared_batches, projector_io
 from vlmloc.models.adapter import VLMAdapter
 
 log = logging.getLogger("vlmloc.resources")
@@ -36,12 +36,14 @@ log = logging.getLogger("vlmloc.resources")
 def register_scores(adapter: VLMAdapter, samples: list[Sample], batch_size: int) -> dict[str, np.ndarray]:
     """Per sample: [n_visual] L2 norm of each token's vision features (the projector input)."""
     out, t0 = {}, time.monotonic()
-    chunks = list(iter_unique_images(samples, batch_size))
-    for chunk in tqdm(chunks, desc="register scores", disable=not chunks):
-        batch = adapter.prepare([s.load_image() for s in chunk], [adapter.prompt("classification", s.category) for s in chunk])
+    n_images = len({s.image_id for s in samples})
+    bar = tqdm(total=n_images, desc="register scores", disable=not samples)
+    for chunk, batch in prepared_batches(adapter, samples, "classification", batch_size, unique_images=True):
         ins, _ = projector_io(adapter, batch)
+        bar.update(len(chunk))
         for s, feats in zip(chunk, ins):
             out[s.image_id] = feats.norm(dim=-1).numpy()
+    bar.close()
     log.info("register scores: %d images in %.1f s", len(out), time.monotonic() - t0)
     return {s.sample_id: out[s.image_id] for s in samples}
 

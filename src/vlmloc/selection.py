@@ -6,7 +6,6 @@ row's VisualLayout, so they are valid with left padding and across InternVL tile
 
 from __future__ import annotations
 
-import hashlib
 
 import numpy as np
 
@@ -20,12 +19,6 @@ def object_positions(layout: VisualLayout, sample: Sample, pad: int = 0, view: s
     if view is not None:
         selected &= layout.in_view(view)
     return layout.positions[selected]
-
-
-def row_rng(seed: int, *keys: object) -> np.random.Generator:
-    """A generator seeded by (seed, keys): the same sample and condition draw the same tokens in any batch."""
-    digest = hashlib.sha256(repr((seed, *keys)).encode()).digest()
-    return np.random.default_rng(int.from_bytes(digest[:8], "little"))
 
 
 RANDOM_FROM = ("image", "all")

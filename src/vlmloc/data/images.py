@@ -6,6 +6,7 @@ generated datasets (synthetic scenes, photo fixture), whose image folders are ma
 
     split = load_image_split(cfg.data)      # ImageSplit(train=[Path...], test=[Path...], ...)
     image = open_rgb(split.train[0])
+    loader = DataLoader(ImageFiles(split.train), batch_size=16, num_workers=8, collate_fn=list)
 
 Determinism: the files are listed recursively and sorted by their path relative to the folder
 (POSIX form, so the order is the same on every machine), then one seeded permutation
@@ -16,7 +17,7 @@ Changing `n_train` therefore never changes the test set. Both lists are returned
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -141,3 +142,17 @@ def open_rgb(path: str | os.PathLike) -> Image.Image:
     """The image as RGB (ImageNet holds some greyscale and CMYK JPEGs), fully decoded."""
     with Image.open(path) as im:
         return im.convert("RGB")
+
+
+class ImageFiles:
+    """Images decoded on access, a map-style dataset for `torch.utils.data.DataLoader`: with
+    workers, JPEG decoding runs in them instead of on the GPU's critical path."""
+
+    def __init__(self, paths: Sequence[str | os.PathLike]) -> None:
+        self.paths = list(paths)
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, i: int) -> Image.Image:
+        return open_rgb(self.paths[i])

@@ -36,6 +36,7 @@ import torch
 
 from vlmloc.data.sample import Sample
 from vlmloc.engine.heads import capture_heads
+from vlmloc.engine.visual_features import prepared_batches
 from vlmloc.models.adapter import VLMAdapter
 from vlmloc.models.layout import LOCAL, VisualLayout
 
@@ -134,9 +135,7 @@ def head_means(
         raise ValueError("head_means needs at least one reference sample")
     prefix, image, text = _Aligned(), _Aligned(), _Aligned()
     grid = None
-    for start in range(0, len(ref), batch_size):
-        chunk = ref[start : start + batch_size]
-        batch = adapter.prepare([s.load_image() for s in chunk], [adapter.prompt(task, s.category) for s in chunk])
+    for _, batch in prepared_batches(adapter, ref, task, batch_size):
         heads = capture_heads(adapter, batch.inputs)
         stacked = torch.stack([heads[i].float() for i in range(adapter.n_layers)])  # [L, B, T, D]
         mask = batch.inputs["attention_mask"].bool()

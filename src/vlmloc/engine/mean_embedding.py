@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from omegaconf import OmegaConf
 
-from vlmloc.engine.visual_features import iter_unique_images, projector_io
+from vlmloc.engine.visual_features import prepared_batches, projector_io
 from vlmloc.results import atomic_write
 
 log = logging.getLogger("vlmloc.engine")
@@ -57,13 +57,10 @@ def mean_visual_embedding(ctx: Any) -> torch.Tensor:
     adapter, t0 = ctx.adapter, time.monotonic()
     total, count, image_ids = None, 0, []
     n_images = int(ctx.cfg.mean_embedding.n_images)
-    samples = ctx.samples
-    batches = iter_unique_images(samples, int(ctx.cfg.batch_size))
-    for chunk in batches:
-        chunk = chunk[: n_images - len(image_ids)]
-        if not chunk:
-            break
-        batch = adapter.prepare([s.load_image() for s in chunk], [adapter.prompt("classification", s.category) for s in chunk])
+    # the first n_images distinct images in sample order
+    seen: set[int] = set()
+    first = [s for s in ctx.samples if not (s.image_id in seen or seen.add(s.image_id))][:n_images]
+    for chunk, batch in prepared_batches(adapter, first, "classification", int(ctx.cfg.batch_size)):
         _, outs = projector_io(adapter, batch)
         for s, feats in zip(chunk, outs):
             total = feats.sum(0, dtype=torch.float64) if total is None else total + feats.sum(0, dtype=torch.float64)

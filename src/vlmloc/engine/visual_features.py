@@ -41,3 +41,15 @@ def iter_unique_images(samples: Sequence[Sample], batch_size: int) -> Iterator[l
     unique = [s for s in samples if not (s.image_id in seen or seen.add(s.image_id))]
     for start in range(0, len(unique), batch_size):
         yield unique[start : start + batch_size]
+
+
+def prepared_batches(
+    adapter: VLMAdapter, samples: Sequence[Sample], task: str, batch_size: int, *, unique_images: bool = False
+) -> Iterator[tuple[list[Sample], PreparedBatch]]:
+    """(samples, their prepared batch with `task`'s prompt) in sample order, `batch_size` rows each;
+    unique_images: only the first sample of each image (for per-image quantities)."""
+    chunks = iter_unique_images(samples, batch_size) if unique_images else (
+        list(samples[start : start + batch_size]) for start in range(0, len(samples), batch_size))
+    for chunk in chunks:
+        yield chunk, adapter.prepare([s.load_image() for s in chunk], [adapter.prompt(task, s.category) for s in chunk])
+

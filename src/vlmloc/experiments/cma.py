@@ -27,7 +27,6 @@ from vlmloc.engine.mediation import Target, head_mediation, mediation_fraction
 from vlmloc.engine.runner import generate
 from vlmloc.reports import cma as report
 # re-exported: head ablation ranks heads by these statistics of this experiment's rows
-from vlmloc.reports.cma import MF_STATISTICS as MF_STATISTICS, mf_per_head as mf_per_head
 from vlmloc.results import atomic_write
 
 log = logging.getLogger("vlmloc.experiments.cma")

@@ -17,30 +17,11 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from vlmloc.head_ranking import mf_per_head
 from vlmloc.reports.tables import to_markdown
 
 SUMMARY_FILE = "cma_summary.md"
 FIGURE_FILE = "fig4_cma_heatmaps.png"
-MF_STATISTICS = ("mean", "median", "pooled")
-
-
-def mf_per_head(rows: pd.DataFrame, keys: tuple[str, ...] = ("task", "layer", "head")) -> pd.DataFrame:
-    """Per head, over its valid rows: mean_mf, median_mf, pooled_mf and n (rows).
-
-    pooled_mf = sum(P_base - P_patched) / sum(P_base - P_src): each pair weighted by its effect,
-    so pairs whose denominator sits just above min_denominator cannot dominate as they can the mean.
-    """
-    valid = rows[rows["valid"].astype(bool) & rows["mf"].notna()]
-    if {"p_base", "p_patched", "p_src"} <= set(valid.columns):
-        valid = valid.assign(_num=valid["p_base"] - valid["p_patched"], _den=valid["p_base"] - valid["p_src"])
-    else:
-        valid = valid.assign(_num=np.nan, _den=np.nan)
-    out = valid.groupby(list(keys), as_index=False).agg(
-        mean_mf=("mf", "mean"), median_mf=("mf", "median"), _num=("_num", "sum"), _den=("_den", "sum"), n=("mf", "size"))
-    out["pooled_mf"] = out["_num"] / out["_den"].where(out["_den"] != 0)
-    return out[[*keys, "mean_mf", "median_mf", "pooled_mf", "n"]]
-
-
 def top_heads(table: pd.DataFrame, task: str, k: int) -> pd.DataFrame:
     """The k rows of an `mf_per_head` table with the highest mean MF for `task` (ties: lower layer, head)."""
     t = table[table["task"] == task].sort_values(["mean_mf", "layer", "head"], ascending=[False, True, True])

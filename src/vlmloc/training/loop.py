@@ -38,7 +38,7 @@ from vlmloc.engine.hooks import Call, Hooks
 from vlmloc.engine.runner import next_token_logprobs, yes_probability
 from vlmloc.evaluation import evaluate
 from vlmloc.models.loading import ADAPTERS, load_adapter, resolve_device
-from vlmloc.selection import row_rng
+from vlmloc.seeds import row_rng
 from vlmloc.training.build import build_demo, n_parameters
 from vlmloc.training.data import IGNORE, PackedScenes, block_mask, collate, pack, render_train_scene, scene_questions
 

@@ -1,0 +1,381 @@
+"""Training and scoring position probes on a model's stages, from images to result frames.
+
+Each batch of images gets one forward (`vlmloc.engine.capture`) that yields every probed stage's
+visual tokens with their grid positions (`stage_batches`); the probes of `vlmloc.probes` learn
+from those batches and are then scored on the test images' batches (`probe_positions`):
+
+    stages, heat = select_stages(adapter, ["vision.last", "projector", "llm"], ["llm.mid"])
+    run = probe_positions(adapter, split.train, split.test, stages, probe_cfg, batch_size=16,
+                          prompt=probe_prompt(adapter, "Describe the image."))
+    run.accuracy, run.per_position                 # the experiment's two result frames
+
+Training paths (`experiment.probe.*`, see configs/experiment/position_probe.yaml):
+- torch, epoch_mode=rerun (the paper-scale path, what epoch_mode=auto picks there): each epoch
+  re-runs the model over the training images and updates all stages' probes on each batch as it
+  arrives. Memory: one batch of activations plus the probes. Measured for LLaVA-1.5-7B at batch
+  16 on an H200 (random weights, same shapes): 25.5 GB peak, 21.5 ms per image and epoch, so the
+  paper's 50k x 10 epochs + 10k test images take about 3 h (details in `vlmloc.probes`).
+- torch, epoch_mode=cache (what epoch_mode=auto picks when the cache fits in `max_cache_gb`:
+  small runs; LLaVA-7B needs ~0.18 GB per image, so real runs rerun): the first epoch's captured
+  training tokens (optionally subsampled, `token_rate`) stay in CPU memory and later epochs read
+  them back in a new batch order, so epochs cost no forwards. Refused before any forward if the
+  cache could exceed `max_cache_gb`.
+- sklearn: all training tokens cached once, then lbfgs logistic regression per probe. Chosen by
+  `trainer=auto` only for small problems (`vlmloc.probes.choose_trainer`).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+
+from vlmloc.data.images import ImageFiles
+from vlmloc.engine.capture import LLM, PROJECTOR, VISION, Stage, capture, model_stages, stage_tokens
+from vlmloc.models.adapter import VLMAdapter
+from vlmloc.probes import (
+    PositionScores,
+    ProbeSpec,
+    SklearnProbes,
+    TorchProbes,
+    choose_trainer,
+    epoch_lr,
+    n_classes,
+    probe_targets,
+)
+
+# The plan and epoch lines are the position-probe experiment's progress: logged under its name,
+# so its run log shows (and filters) them with the experiment's own lines.
+log = logging.getLogger("vlmloc.probe_training")
+
+ACCURACY_COLUMNS = ("stage", "stage_index", "kind", "view", "target", "accuracy", "chance",
+                    "n_train_tokens", "n_test_tokens")
+
+# One batch of one stage: x [n, dim] (model dtype, model device), pos [n] flat grid position
+# r * grid + c (long, CPU), view [n] str.
+StageBatch = tuple[torch.Tensor, torch.Tensor, np.ndarray]
+EPOCH_MODES = ("auto", "rerun", "cache")
+
+
+# --------------------------------------------------------------------------- stages
+
+
+def resolve_stages(specs: Sequence[str] | None, stages: Sequence[Stage]) -> list[Stage]:
+    """Stage selectors -> stages in model order. A selector is a stage name ("llm.12"), a kind
+    ("vision", "projector", "llm"), or a kind with an alias index: "last", "mid" or a negative
+    number ("vision.last", "llm.mid" = layer N // 2, "llm.-2"). None = every stage."""
+    if specs is None:
+        return list(stages)
+    by_name = {s.name: s for s in stages}
+    chosen: set[str] = set()
+    for spec in specs:
+        spec = str(spec)
+        if spec in by_name:
+            chosen.add(spec)
+            continue
+        kind, _, idx = spec.partition(".")
+        of_kind = [s for s in stages if s.kind == kind]
+        if not of_kind:
+            raise ValueError(f"unknown stage {spec!r}; stages are {stages[0].name} .. {stages[-1].name}, "
+                             f"kinds {VISION}, {PROJECTOR}, {LLM}")
+        if idx == "":
+            chosen.update(s.name for s in of_kind)
+            continue
+        pick = {"last": len(of_kind) - 1, "mid": len(of_kind) // 2, "first": 0}.get(idx)
+        if pick is None:
+            try:
+                pick = int(idx) % len(of_kind) if int(idx) < 0 else int(idx)
+            except ValueError:
+                pick = -1
+        if not 0 <= pick < len(of_kind):
+            raise ValueError(f"unknown stage {spec!r}: {kind} has layers 0..{len(of_kind) - 1}")
+        chosen.add(of_kind[pick].name)
+    return [s for s in stages if s.name in chosen]
+
+
+def select_stages(
+    adapter: VLMAdapter, stages: Sequence[str] | None, heatmap_stages: Sequence[str]
+) -> tuple[list[Stage], list[str]]:
+    """The model's stages to probe (selectors as in `resolve_stages`, None = every stage) and the
+    names of the heatmap stages among them, both in model order."""
+    every = model_stages(adapter)
+    chosen = resolve_stages(stages, every)
+    return chosen, [s.name for s in resolve_stages(list(heatmap_stages), every) if s in chosen]
+
+
+# --------------------------------------------------------------------------- activations
+
+
+def probe_prompt(adapter: VLMAdapter, question: str) -> str:
+    """The family's chat template with the image and a neutral question."""
+    return str(adapter.cfg.prompts.template).format(image=adapter.image_placeholder, question=question)
+
+
+def stage_batches(
+    adapter: VLMAdapter,
+    paths: Sequence[Path],
+    stages: Sequence[Stage],
+    *,
+    batch_size: int,
+    prompt: str,
+    num_workers: int = 0,
+    views: Sequence[str] | None = None,
+) -> Iterator[dict[str, StageBatch]]:
+    """Per batch of images: {stage: (x [n, dim], pos [n], view [n])}, restricted to `views` if given.
+
+    Images are decoded in `num_workers` DataLoader workers (JPEG decoding would otherwise sit on
+    the GPU's critical path); the processor and the forward run here.
+    """
+    loader = torch.utils.data.DataLoader(
+        ImageFiles(paths), batch_size=batch_size, shuffle=False, num_workers=num_workers, collate_fn=list
+    )
+    for images in loader:
+        batch = adapter.prepare(images, [prompt] * len(images))
+        acts = capture(adapter, batch, stages)
+        out = {}
+        for s in stages:
+            meta = stage_tokens(s, batch.layouts)
+            x, pos, view = acts[s.name], torch.as_tensor(meta.row * s.grid + meta.col), meta.view
+            if views is not None:
+                keep = torch.as_tensor(np.flatnonzero(np.isin(view, list(views))))
+                x, pos, view = x[_on_device(keep, x.device)], pos[keep], view[keep.numpy()]
+            out[s.name] = (x, pos, view)
+        yield out
+
+
+def subsample(batch: Mapping[str, StageBatch], rate: float, gen: torch.Generator) -> dict[str, StageBatch]:
+    """Keep round(rate * n) random tokens of every stage (rate 1: all, unchanged)."""
+    if rate >= 1.0:
+        return dict(batch)
+    out = {}
+    for name, (x, pos, view) in batch.items():
+        k = max(1, round(rate * len(pos)))
+        idx = torch.randperm(len(pos), generator=gen)[:k].sort().values
+        out[name] = (x[_on_device(idx, x.device)], pos[idx], view[idx.numpy()])
+    return out
+
+
+def _on_device(idx: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A CPU index on `device` without waiting for the GPU queue (pinned, non-blocking copy)."""
+    if device.type != "cuda":
+        return idx
+    return idx.pin_memory().to(device, non_blocking=True)
+
+
+def _on_cpu(batch: Mapping[str, StageBatch]) -> dict[str, StageBatch]:
+    return {k: (x.cpu(), p, v) for k, (x, p, v) in batch.items()}
+
+
+# --------------------------------------------------------------------------- memory and plan
+
+
+def _max_tiles(adapter: VLMAdapter) -> int:
+    """Tiles per image at most: InternVL's token count depends on each image's tiling."""
+    return int(adapter.cfg.get("max_tiles", 0)) + 1 if adapter.family == "internvl" else 1
+
+
+def _stage_dim(adapter: VLMAdapter, stage: Stage) -> int:
+    cfg = adapter.model.config
+    return int(cfg.vision_config.hidden_size if stage.kind == VISION else cfg.text_config.hidden_size)
+
+
+def memory_bound(
+    adapter: VLMAdapter, stages: Sequence[Stage], batch_size: int, targets: Sequence[str]
+) -> dict[str, float]:
+    """Bytes the streaming path holds beyond the model: one batch of activations (model dtype,
+    InternVL counted at its maximum tile count) and the probes (fp32 weights, gradients, 2 Adam moments)."""
+    tiles = _max_tiles(adapter)
+    act_bytes = torch.finfo(adapter.model.dtype).bits // 8
+    dims = {s.name: _stage_dim(adapter, s) for s in stages}
+    acts = sum(batch_size * tiles * s.grid**2 * dims[s.name] * act_bytes for s in stages)
+    params = sum((dims[s.name] + 1) * n_classes(t, s.grid) for s in stages for t in targets)
+    return {"activations_per_batch_bytes": float(acts), "probe_state_bytes": float(params * 4 * 4),
+            "tiles_per_image_max": tiles, "batch_size": batch_size}
+
+
+@dataclass(frozen=True)
+class ProbePlan:
+    """How a run trains, decided from the config and sizes before any forward pass."""
+
+    trainer: str  # "torch" | "sklearn"
+    epoch_mode: str  # "rerun" | "cache" (torch) or "full_batch" (sklearn)
+    cache_gb: float  # upper bound of the CPU memory a cache of all training tokens would take
+
+
+def plan_training(adapter: VLMAdapter, n_train: int, specs: Sequence[ProbeSpec], probe: Mapping[str, Any]) -> ProbePlan:
+    """Apply the `auto` rules (trainer, epoch_mode) to upper bounds of the training set's size;
+    refuse a cache that would exceed `max_cache_gb`."""
+    rate = float(probe.get("token_rate", 1.0))
+    if not 0.0 < rate <= 1.0:
+        raise ValueError(f"probe.token_rate must be in (0, 1], got {rate}")
+    epoch_mode = str(probe.get("epoch_mode", "auto"))
+    if epoch_mode not in EPOCH_MODES:
+        raise ValueError(f"probe.epoch_mode must be one of {EPOCH_MODES}, got {epoch_mode!r}")
+    tiles = _max_tiles(adapter)
+    tokens = {s.stage: n_train * tiles * s.grid**2 * rate for s in specs}
+    sk = probe.get("sklearn") or {}
+    trainer = choose_trainer(
+        str(probe["trainer"]), int(max(tokens.values())), max(n_classes(t, s.grid) for s in specs for t in s.targets),
+        max_tokens=int(sk.get("max_tokens", 4000)), max_class_count=int(sk.get("max_classes", 32)),
+    )
+    act_bytes = torch.finfo(adapter.model.dtype).bits // 8
+    cache_gb = sum(tokens[s.stage] * s.dim * act_bytes for s in specs) / 1e9
+    max_cache_gb = float(probe.get("max_cache_gb", 8))
+    if epoch_mode == "auto":
+        epoch_mode = "cache" if cache_gb <= max_cache_gb else "rerun"
+    if trainer == "sklearn":
+        epoch_mode = "full_batch"
+    if epoch_mode != "rerun" and cache_gb > max_cache_gb:
+        raise ValueError(
+            f"caching the training tokens would take up to {cache_gb:.1f} GB > probe.max_cache_gb={max_cache_gb}: "
+            "use probe.trainer=torch probe.epoch_mode=rerun, or a lower probe.token_rate"
+        )
+    return ProbePlan(trainer, epoch_mode, cache_gb)
+
+
+# --------------------------------------------------------------------------- training and scoring
+
+
+@dataclass
+class ProbeRun:
+    """What `probe_positions` returns."""
+
+    accuracy: pd.DataFrame  # ACCURACY_COLUMNS + trainer, grid, n_classes
+    per_position: pd.DataFrame  # stage, stage_index, kind, target, view, row, col, n, correct, accuracy
+    trainer: str
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+def probe_positions(
+    adapter: VLMAdapter,
+    train: Sequence[Path],
+    test: Sequence[Path],
+    stages: Sequence[Stage],
+    probe: Mapping[str, Any],
+    *,
+    batch_size: int,
+    prompt: str,
+    seed: int = 0,
+    num_workers: int = 0,
+) -> ProbeRun:
+    """Train every stage's probes on `train` images and score them on `test` images.
+
+    `probe` is the `experiment.probe` config (a mapping): target, trainer, epochs, epoch_mode,
+    token_rate, views, lr, lr_ref_dim, lr_schedule, weight_decay, minibatch_tokens, standardize,
+    bf16_matmul, max_cache_gb, sklearn.*.
+    """
+    targets = probe_targets(str(probe["target"]))
+    specs = [ProbeSpec(s.name, _stage_dim(adapter, s), s.grid, targets) for s in stages]
+    views = list(probe["views"]) if probe.get("views") else None
+    rate, epochs = float(probe.get("token_rate", 1.0)), int(probe["epochs"])
+    plan = plan_training(adapter, len(train), specs, probe)
+    log.info("position probes: %d stages, targets %s, trainer %s (%s), %d train / %d test images, "
+             "token cache bound %.2f GB", len(stages), ",".join(targets), plan.trainer, plan.epoch_mode,
+             len(train), len(test), plan.cache_gb)
+    gen = torch.Generator().manual_seed(int(seed))
+    timing = {"forward_s": 0.0, "probe_s": 0.0, "n_forward_images": 0}
+
+    def batches(paths: Sequence[Path]) -> Iterator[dict[str, StageBatch]]:
+        """Captured batches of `paths`, timing the forward passes (image loading included)."""
+        it = stage_batches(adapter, paths, stages, batch_size=batch_size, prompt=prompt,
+                           num_workers=num_workers, views=views)
+        while True:
+            t0 = time.perf_counter()
+            b = next(it, None)
+            timing["forward_s"] += time.perf_counter() - t0
+            if b is None:
+                timing["n_forward_images"] += len(paths)
+                return
+            yield b
+
+    n_train_tokens: dict[str, int] = {s.name: 0 for s in stages}
+    model: TorchProbes | SklearnProbes
+    if plan.trainer == "torch":
+        model = TorchProbes(
+            specs, lr=float(probe["lr"]), lr_ref_dim=probe.get("lr_ref_dim"),
+            weight_decay=float(probe.get("weight_decay", 0.0)), minibatch=int(probe["minibatch_tokens"]),
+            standardize=bool(probe.get("standardize", True)), device=adapter.device, seed=seed,
+            bf16_matmul=bool(probe.get("bf16_matmul", False)),
+        )
+        cache: list[dict[str, StageBatch]] = []
+        for epoch in range(epochs):
+            model.set_lr(epoch_lr(float(probe["lr"]), epoch, epochs, str(probe.get("lr_schedule", "constant"))))
+            rng = np.random.default_rng([int(seed), epoch])
+            if epoch == 0 or plan.epoch_mode == "rerun":
+                source: Iterator[dict[str, StageBatch]] = (
+                    subsample(b, rate, gen) for b in batches([train[i] for i in rng.permutation(len(train))]))
+            else:  # cache: epoch 1's (subsampled) tokens, batches in a new order
+                source = (cache[i] for i in rng.permutation(len(cache)))
+            losses = []
+            for b in source:
+                t0 = time.perf_counter()
+                losses.append(torch.stack(list(model.fit({k: (x, p) for k, (x, p, _) in b.items()}).values())).mean())
+                timing["probe_s"] += time.perf_counter() - t0
+                if epoch == 0:
+                    for name, (_, pos, _) in b.items():
+                        n_train_tokens[name] += len(pos)
+                    if plan.epoch_mode == "cache":
+                        cache.append(_on_cpu(b))
+            log.info("epoch %d/%d: mean probe loss %.4f (%.0f s forward, %.0f s probes so far)",
+                     epoch + 1, epochs, float(torch.stack(losses).mean()) if losses else float("nan"),
+                     timing["forward_s"], timing["probe_s"])
+        del cache
+    else:
+        cached = [_on_cpu(subsample(b, rate, gen)) for b in batches(list(train))]
+        data = {s.name: (torch.cat([c[s.name][0] for c in cached]), torch.cat([c[s.name][1] for c in cached]))
+                for s in stages}
+        del cached
+        n_train_tokens = {k: len(v[1]) for k, v in data.items()}
+        t0 = time.perf_counter()
+        sk = probe.get("sklearn") or {}
+        model = SklearnProbes(specs, C=float(sk.get("C", 1.0)), max_iter=int(sk.get("max_iter", 300)),
+                              standardize=bool(probe.get("standardize", True)))
+        model.fit(data)
+        timing["probe_s"] += time.perf_counter() - t0
+        del data
+
+    scores = PositionScores(specs)
+    for b in batches(list(test)):
+        t0 = time.perf_counter()
+        for name, (x, pos, view) in b.items():
+            scores.add_predictions(name, view, pos.numpy(), model.predict(name, x))
+        timing["probe_s"] += time.perf_counter() - t0
+    return ProbeRun(
+        accuracy=_accuracy_frame(scores, stages, n_train_tokens, plan.trainer),
+        per_position=_per_position_frame(scores, stages),
+        trainer=plan.trainer,
+        info={"trainer": plan.trainer, "epoch_mode": plan.epoch_mode,
+              "epochs": epochs if plan.trainer == "torch" else None, "token_rate": rate, "targets": list(targets),
+              "views": views, "cache_bound_gb": plan.cache_gb, "timing": timing},
+    )
+
+
+def _stage_columns(df: pd.DataFrame, stages: Sequence[Stage]) -> pd.DataFrame:
+    info = pd.DataFrame({"stage": [s.name for s in stages], "stage_index": [s.index for s in stages],
+                         "kind": [s.kind for s in stages], "grid": [s.grid for s in stages]})
+    return df.merge(info, on="stage", how="left")
+
+
+def _accuracy_frame(
+    scores: PositionScores, stages: Sequence[Stage], n_train: Mapping[str, int], trainer: str
+) -> pd.DataFrame:
+    df = _stage_columns(scores.accuracy(), stages)
+    df["n_classes"] = [g * g if t in ("position", "row_col") else g for t, g in zip(df["target"], df["grid"])]
+    df["chance"] = 1.0 / df["n_classes"]
+    df["n_train_tokens"] = df["stage"].map(n_train).astype("int64")
+    df["trainer"] = trainer
+    cols = list(ACCURACY_COLUMNS) + ["grid", "n_classes", "trainer"]
+    return df[cols].sort_values(["stage_index", "target", "view"], kind="stable").reset_index(drop=True)
+
+
+def _per_position_frame(scores: PositionScores, stages: Sequence[Stage]) -> pd.DataFrame:
+    df = _stage_columns(scores.per_position(), stages)
+    cols = ["stage", "stage_index", "kind", "target", "view", "row", "col", "n", "correct", "accuracy"]
+    return df[cols].sort_values(["stage_index", "target", "view", "row", "col"], kind="stable").reset_index(drop=True)
