@@ -16,7 +16,7 @@ from vlmloc.data import load_samples
 from vlmloc.data.pairs import inpainted_name, read_manifest, sample_record, write_manifest
 from vlmloc.engine.heads import HeadEdit, capture_heads, capture_layer_inputs, edit_heads, head_slice, run_from_layer
 from vlmloc.engine.mediation import Target, answer_probability, head_mediation, mediation_fraction
-from vlmloc.engine.runner import next_token_logprobs, yes_probability
+from vlmloc.engine.readout import next_token_logprobs, yes_probability
 from vlmloc.experiments.cma import check_pairs_model
 
 ANSWER = " [0.12, 0.30, 0.55, 0.80]"

@@ -14,7 +14,7 @@ from conftest import compose_cfg, noise_image
 from vlmloc import app, runner
 from vlmloc.data.sample import Sample
 from vlmloc.engine.knockout import Knockout, knockout, post_image_queries
-from vlmloc.engine.runner import generate
+from vlmloc.engine.readout import generate
 from vlmloc.conditions import Resources, realize
 from vlmloc.evaluation import evaluate
 from vlmloc.experiments import knockout as ko_exp

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from conftest import compose_cfg, noise_image
-from vlmloc.engine.runner import next_token_logprobs
+from vlmloc.engine.readout import next_token_logprobs
 from vlmloc.models import ModelLoadError, load_adapter
 
 

@@ -7,7 +7,7 @@ import pytest
 from conftest import compose_cfg, noise_image
 from vlmloc.engine.knockout import Knockout, knockout, post_image_queries
 from vlmloc.engine.prefix import first_post_image_position, run_prefix, suffix_next_token_logprobs
-from vlmloc.engine.runner import next_token_logprobs
+from vlmloc.engine.readout import next_token_logprobs
 from vlmloc.models import load_adapter
 
 

@@ -9,7 +9,7 @@ import torch
 from conftest import noise_image
 from vlmloc.data.sample import Sample
 from vlmloc.engine.attribution import integrated_gradients
-from vlmloc.engine.runner import generate, next_token_logprobs
+from vlmloc.engine.readout import generate, next_token_logprobs
 from vlmloc.engine.token_edits import TokenEdit, apply_edits, edit_lm_input
 from vlmloc.engine.visual_features import projector_io
 from vlmloc.conditions import Resources, realize, select

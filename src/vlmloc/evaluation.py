@@ -30,7 +30,7 @@ from vlmloc.conditions import BASELINE, AblateHeads, BlockAttention, Condition, 
 from vlmloc.data.sample import Sample
 from vlmloc.engine.heads import HeadEdit, edit_heads
 from vlmloc.engine.knockout import Knockout, knockout
-from vlmloc.engine.runner import generate, next_token_logprobs, yes_probability
+from vlmloc.engine.readout import generate, next_token_logprobs, yes_probability
 from vlmloc.engine.token_edits import TokenEdit, edit_lm_input
 from vlmloc.models.adapter import PreparedBatch, VLMAdapter
 

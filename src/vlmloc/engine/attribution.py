@@ -18,7 +18,7 @@ import torch
 from PIL import Image
 
 from vlmloc.engine.hooks import Call, Hooks
-from vlmloc.engine.runner import answer_logprobs, yes_no_margin
+from vlmloc.engine.readout import answer_logprobs, yes_no_margin
 from vlmloc.models.adapter import VLMAdapter
 
 

@@ -23,7 +23,7 @@ import torch
 
 from vlmloc.engine.heads import HeadEdit, capture_heads, capture_layer_inputs, edit_heads, head_slice, run_from_layer
 from vlmloc.engine.prefix import first_post_image_position
-from vlmloc.engine.runner import answer_logprobs, yes_no_margin
+from vlmloc.engine.readout import answer_logprobs, yes_no_margin
 from vlmloc.models.adapter import PreparedBatch, VLMAdapter
 
 

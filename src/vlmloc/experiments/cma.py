@@ -24,7 +24,7 @@ from vlmloc.runner import RunContext
 from vlmloc.data.pairs import inpainted_sample, read_manifest
 from vlmloc.data.sample import Sample
 from vlmloc.engine.mediation import Target, head_mediation, mediation_fraction
-from vlmloc.engine.runner import generate
+from vlmloc.engine.readout import generate
 from vlmloc.reports import cma as report
 # re-exported: head ablation ranks heads by these statistics of this experiment's rows
 from vlmloc.results import atomic_write

@@ -35,7 +35,7 @@ from vlmloc.data import load_samples
 from vlmloc.data.sample import Sample
 from vlmloc.data.synthetic import SyntheticParams
 from vlmloc.engine.hooks import Call, Hooks
-from vlmloc.engine.runner import next_token_logprobs, yes_probability
+from vlmloc.engine.readout import next_token_logprobs, yes_probability
 from vlmloc.evaluation import evaluate
 from vlmloc.models.loading import ADAPTERS, load_adapter, resolve_device
 from vlmloc.seeds import row_rng

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from conftest import noise_image
-from vlmloc.engine.runner import generate, next_token_logprobs, yes_probability
+from vlmloc.engine.readout import generate, next_token_logprobs, yes_probability
 
 
 @pytest.mark.parametrize("family", ["tiny_llava", "tiny_internvl"])
