@@ -52,22 +52,9 @@ def load_samples(data_cfg: Any) -> tuple[list[Sample], list[dict[str, Any]]]:
 
 def plain_config(data_cfg: Any, user: str = "load_samples") -> dict[str, Any]:
     """Resolve a `data` config to plain containers; missing values (???) become DataErrors."""
-    try:
-        from omegaconf import DictConfig, OmegaConf
-        from omegaconf.errors import InterpolationResolutionError, MissingMandatoryValue
-    except ImportError:  # pragma: no cover - omegaconf is a dependency
-        DictConfig = None  # type: ignore[assignment,misc]
-    if DictConfig is not None and isinstance(data_cfg, DictConfig):
-        try:
-            return OmegaConf.to_container(data_cfg, resolve=True, throw_on_missing=True)  # type: ignore[return-value]
-        except MissingMandatoryValue as e:
-            key = e.full_key if str(e.full_key).startswith("data.") else f"data.{e.full_key}"
-            raise DataError(f"{key} is required (it is ??? in the config): pass {key}=...") from e
-        except InterpolationResolutionError as e:
-            raise DataError(f"cannot resolve the data config: {e}") from e
-    if isinstance(data_cfg, Mapping):
-        return dict(data_cfg)
-    raise DataError(f"{user} needs the `data` config (a mapping), got {type(data_cfg).__name__}")
+    from vlmloc.config_nodes import plain_node
+
+    return plain_node(data_cfg, "data", DataError, user, default_hint=" (it is ??? in the config)")
 
 
 def _required(cfg: Mapping[str, Any], key: str) -> Any:

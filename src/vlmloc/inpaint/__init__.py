@@ -144,18 +144,6 @@ def build_inpainter(cfg: Mapping[str, Any] | Any) -> Inpainter:
 def _plain(cfg: Any) -> dict[str, Any]:
     if cfg is None:
         raise InpaintError("no inpaint config: pass inpaint=opencv|lama|oracle")
-    try:
-        from omegaconf import DictConfig, OmegaConf
-        from omegaconf.errors import MissingMandatoryValue
-    except ImportError:  # pragma: no cover - omegaconf is a dependency
-        DictConfig = None  # type: ignore[assignment,misc]
-    if DictConfig is not None and isinstance(cfg, DictConfig):
-        try:
-            return OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)  # type: ignore[return-value]
-        except MissingMandatoryValue as e:
-            key = f"inpaint.{e.full_key}" if not str(e.full_key).startswith("inpaint.") else str(e.full_key)
-            hint = " (the path of big-lama.pt)" if key == "inpaint.checkpoint" else ""
-            raise InpaintError(f"{key} is required{hint}: pass {key}=...") from e
-    if isinstance(cfg, Mapping):
-        return dict(cfg)
-    raise InpaintError(f"build_inpainter needs the `inpaint` config (a mapping), got {type(cfg).__name__}")
+    from vlmloc.config_nodes import plain_node
+
+    return plain_node(cfg, "inpaint", InpaintError, "build_inpainter", {"inpaint.checkpoint": " (the path of big-lama.pt)"})
