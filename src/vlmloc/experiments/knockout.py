@@ -26,13 +26,21 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from vlmloc.conditions import BASELINE, BlockAttention, Condition, ObjectTokens, RandomTokens
-from vlmloc.experiments.choices import one_of, subset_of
+from omegaconf import MISSING
+
+from vlmloc.conditions import (
+    BASELINE,
+    BlockAttention,
+    Condition,
+    ObjectTokens,
+    RandomTokens,
+)
 from vlmloc.models.loading import lm_shape
 from vlmloc.reports import knockout as report
 from vlmloc.results import TASKS
 from vlmloc.runner import RunContext
 from vlmloc.selection import RANDOM_FROM
+from vlmloc.settings import at_least, load, one_of, register, subset_of
 
 KEY_SETS = ("object", "random")
 QUERY_SETS = ("post_image",)
@@ -41,27 +49,29 @@ QUERY_SETS = ("post_image",)
 # --------------------------------------------------------------------------- config
 
 
+@register("knockout")
 @dataclass(frozen=True)
 class Settings:
-    """experiment.* checked and typed."""
+    """experiment.* of configs/experiment/knockout.yaml, typed and checked."""
 
-    window: int
-    include_single_layers: bool
-    key_sets: tuple[str, ...]
-    query_set: str
-    tasks: tuple[str, ...]
-    random_from: str = "image"
+    name: str = MISSING
+    window: int = MISSING
+    include_single_layers: bool = MISSING
+    key_sets: tuple[str, ...] = MISSING
+    query_set: str = MISSING
+    tasks: tuple[str, ...] = MISSING
+    random_from: str = MISSING
+
+    def __post_init__(self) -> None:
+        subset_of("experiment.key_sets", self.key_sets, KEY_SETS, distinct=True)
+        one_of("experiment.query_set", self.query_set, QUERY_SETS)
+        at_least("experiment.window", self.window, 1)
+        subset_of("experiment.tasks", self.tasks, TASKS)
+        one_of("experiment.random_from", self.random_from, RANDOM_FROM)
 
 
 def settings(cfg: Any) -> Settings:
-    exp = cfg.experiment
-    keys = subset_of("experiment.key_sets", exp.key_sets, KEY_SETS, distinct=True)
-    query_set = one_of("experiment.query_set", exp.query_set, QUERY_SETS)
-    if int(exp.window) < 1:
-        raise ValueError(f"experiment.window must be >= 1, got {exp.window}")
-    tasks = subset_of("experiment.tasks", exp.tasks, TASKS)
-    random_from = one_of("experiment.random_from", exp.random_from, RANDOM_FROM)
-    return Settings(int(exp.window), bool(exp.include_single_layers), keys, query_set, tasks, random_from)
+    return load(Settings, cfg)
 
 
 def check_config(cfg: Any) -> None:
