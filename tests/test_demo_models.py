@@ -258,3 +258,28 @@ def test_synthetic_wide_images_all_get_two_local_tiles_and_the_thumbnail_on_demo
         for h in (h0, (h0 + h1) // 2, h1):
             assert adapter.n_visual_tokens(w, h) == 3 * 256, (w, h)
     assert cfg.data.split != compose_cfg("data=synthetic").data.split  # never overwrites the default held-out split
+
+
+@pytest.mark.parametrize("demo", ["demo_llava"], indirect=True)
+def test_negative_questions_are_answered_no_as_one_question_at_a_time_says(demo):
+    """negative_outcomes (batched through the evaluation loop) against each absent-category
+    question run alone: "no" wins exactly where the lone forward pass gives P(yes) < 0.5."""
+    from vlmloc.engine.readout import next_token_logprobs, yes_probability
+    from vlmloc.seeds import row_rng
+    from vlmloc.training.loop import _present_categories, negative_outcomes
+
+    _, adapter, samples = demo
+    samples = samples[:6]
+    categories = sorted({s.category for s in samples} | {"circle", "square", "triangle", "star"})
+    got = negative_outcomes(adapter, samples, categories, batch_size=4)
+    present, first = _present_categories(samples), {}
+    for s in samples:
+        first.setdefault(s.image_id, s)
+    want = []
+    for image_id, s in sorted(first.items()):
+        absent = [c for c in categories if c not in present[image_id]]
+        if absent:
+            c = str(row_rng(0, image_id, "negative").choice(absent))
+            batch = adapter.prepare([s.load_image()], [adapter.prompt("classification", c)])
+            want.append(bool(yes_probability(adapter, next_token_logprobs(adapter, batch))[0] < 0.5))
+    assert got == want and len(got) >= 3

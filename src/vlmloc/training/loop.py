@@ -14,6 +14,8 @@ and write the model card (README.md) beside the weights. Logs are JSON lines (tr
 
 from __future__ import annotations
 
+import dataclasses
+
 import json
 import logging
 import math
@@ -35,7 +37,6 @@ from vlmloc.data import load_samples
 from vlmloc.data.sample import Sample
 from vlmloc.data.synthetic import SyntheticParams
 from vlmloc.engine.hooks import Call, Hooks
-from vlmloc.engine.readout import next_token_logprobs, yes_probability
 from vlmloc.evaluation import evaluate
 from vlmloc.models.loading import ADAPTERS, load_adapter, resolve_device
 from vlmloc.seeds import row_rng
@@ -152,13 +153,11 @@ def negative_outcomes(adapter: Any, samples: Sequence[Sample], categories: Seque
         absent = [c for c in categories if c not in present[image_id]]
         if absent:
             items.append((group[0], str(row_rng(seed, image_id, "negative").choice(absent))))
-    out = []
-    for start in range(0, len(items), batch_size):
-        chunk = items[start : start + batch_size]
-        batch = adapter.prepare([s.load_image() for s, _ in chunk], [adapter.prompt("classification", c) for _, c in chunk])
-        p_yes = yes_probability(adapter, next_token_logprobs(adapter, batch))
-        out += [bool(p < 0.5) for p in p_yes]
-    return out
+    # the same question about the absent category: "correct" (yes wins) would be a false positive
+    asked = [dataclasses.replace(s, sample_id=f"{s.sample_id}-absent", category=c) for s, c in items]
+    rows = evaluate(adapter, asked, ["classification"], batch_size=batch_size, progress=False)
+    said_yes = dict(zip(rows["sample_id"], rows["correct"])) if len(rows) else {}
+    return [not bool(said_yes[s.sample_id]) for s in asked]
 
 
 def _present_categories(samples: Sequence[Sample]) -> dict[int, set[str]]:
