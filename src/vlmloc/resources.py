@@ -78,9 +78,11 @@ def _head_means(ctx: Any) -> dict[str, HeadMeans]:
     exp = ctx.cfg.experiment
     n = int(exp.mean_samples)
     ref = ctx.samples[:n]
-    log.info("head means over %d reference samples per task", len(ref))
-    return {str(t): head_means(ctx.adapter, ref, str(t), n, batch_size=int(ctx.cfg.batch_size), answer_mean=str(exp.answer_mean))
-            for t in exp.tasks}
+    t0 = time.monotonic()
+    means = {str(t): head_means(ctx.adapter, ref, str(t), n, batch_size=int(ctx.cfg.batch_size), answer_mean=str(exp.answer_mean))
+             for t in exp.tasks}
+    log.info("head means over %d reference samples per task in %.1f s", len(ref), time.monotonic() - t0)
+    return means
 
 
 def _ig(ctx: Any) -> dict[tuple[str, str], np.ndarray]:
