@@ -21,6 +21,8 @@ data or model work: an unknown key (a typo), a wrong type, a missing value or a 
 
 from __future__ import annotations
 
+import dataclasses
+import typing
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any, TypeVar
 
@@ -44,11 +46,26 @@ def register(name: str) -> Callable[[type[T]], type[T]]:
     return store
 
 
+def _schema(cls: type) -> DictConfig:
+    """The structured config of `cls`, writable at every level, nested dataclasses filled in as
+    their own schemas: OmegaConf marks each nested frozen dataclass read-only on its own, and a
+    merge unlocks only the top node (omegaconf#1102)."""
+    schema = OmegaConf.structured(cls)
+    OmegaConf.set_readonly(schema, False)
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        if dataclasses.is_dataclass(hints[f.name]):
+            schema[f.name] = _schema(hints[f.name])
+            OmegaConf.set_readonly(schema._get_node(f.name), None)  # inherit: writable
+    return schema
+
+
 def load(cls: type[T], cfg: DictConfig) -> T:
-    """`cfg.experiment` (resolved against the whole config) as a `cls` instance, validated."""
+    """`cfg.experiment` (resolved against the whole config) as a `cls` instance, validated; nested
+    frozen dataclasses for nested nodes."""
     node = OmegaConf.to_container(cfg.experiment, resolve=True)
     try:
-        return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(cls), node))  # type: ignore[return-value]
+        return OmegaConf.to_object(OmegaConf.merge(_schema(cls), node))  # type: ignore[return-value]
     except OmegaConfBaseException as err:
         key = f"experiment.{err.full_key}" if getattr(err, "full_key", None) else "experiment"
         reason = str(err.msg if getattr(err, "msg", None) else err).splitlines()[0]

@@ -12,11 +12,13 @@ count, the pairs excluded for a small denominator, and layer x head heatmaps of 
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
+from omegaconf import MISSING
 from tqdm.auto import tqdm
 
 from vlmloc import geometry
@@ -28,6 +30,7 @@ from vlmloc.engine.readout import generate
 from vlmloc.reports import cma as report
 # re-exported: head ablation ranks heads by these statistics of this experiment's rows
 from vlmloc.results import atomic_write
+from vlmloc.settings import at_least, load, one_of, register
 
 log = logging.getLogger("vlmloc.experiments.cma")
 MF_FILE = "mf.parquet"
@@ -36,13 +39,47 @@ MF_COLUMNS = ["sample_id", "image_id", "category", "task", "layer", "head", "pos
 # pairs left out of a task before any patching (localization: the source box missed), one row each
 EXCLUDED_FILE = "excluded_pairs.parquet"
 EXCLUDED_COLUMNS = ["sample_id", "image_id", "category", "task", "answer", "source_iou", "reason"]
+POSITIONS = ("all", "text")  # patch every position, or only those after the image
+LOCALIZATION_P = ("geometric_mean", "product")  # `engine.mediation.Target.reduce`
+OTHER_MODEL_PAIRS = ("refuse", "warn")
+
+
+# --------------------------------------------------------------------------- config
+
+
+@register("cma")
+@dataclass(frozen=True)
+class Settings:
+    """experiment.* of configs/experiment/cma.yaml, typed and checked."""
+
+    name: str = MISSING
+    positions: str = MISSING
+    localization_source_min_iou: float | None = MISSING  # None: every pair
+    localization_p: str = MISSING
+    min_denominator: float = MISSING
+    critical_mf: float = MISSING
+    top_k: int = MISSING
+    layers: tuple[int, ...] | None = MISSING  # None: every layer
+    heads_per_pass: int | None = MISSING  # None: every head of a layer in one pass
+    other_model_pairs: str = MISSING
+
+    def __post_init__(self) -> None:
+        one_of("experiment.positions", self.positions, POSITIONS)
+        one_of("experiment.localization_p", self.localization_p, LOCALIZATION_P)
+        at_least("experiment.top_k", self.top_k, 1)
+        one_of("experiment.other_model_pairs", self.other_model_pairs, OTHER_MODEL_PAIRS)
+
+
+def settings(cfg: Any) -> Settings:
+    """`cfg.experiment` as `Settings` (a `ConfigError` naming the key if it does not fit)."""
+    return load(Settings, cfg)
 
 
 def check_config(cfg: Any) -> None:
+    """Fail fast, before data or model work: valid settings, pairs made by this model."""
+    settings(cfg)
     if str(cfg.data.kind) != "pairs":
         raise ValueError(f"experiment=cma needs source/base pairs: run experiment=make_pairs, then data=pairs data.pairs_dir=<its run dir> (got data={cfg.data.name})")
-    if str(cfg.experiment.positions) not in ("all", "text"):
-        raise ValueError("experiment.positions must be all or text")
     check_pairs_model(cfg)
 
 
@@ -50,9 +87,7 @@ def check_pairs_model(cfg: Any) -> None:
     """The pairs were kept by one model's answers (recognized in the original, not in the inpainted
     image): analysing them with another model is refused, or only warned about with
     `experiment.other_model_pairs=warn`."""
-    policy = str(cfg.experiment.other_model_pairs)
-    if policy not in ("refuse", "warn"):
-        raise ValueError(f"experiment.other_model_pairs must be refuse or warn (got {policy!r})")
+    policy = settings(cfg).other_model_pairs
     manifest = read_manifest(cfg.data.pairs_dir)
     names = sorted({str(m).split("@")[0] for m in manifest["model"].dropna()}) if "model" in manifest else []
     if not names or names == [str(cfg.model.name)]:
@@ -65,9 +100,12 @@ def check_pairs_model(cfg: Any) -> None:
     log.warning(msg)
 
 
-def _pair_rows(ctx: RunContext, sample: Sample, task: str) -> pd.DataFrame | dict:
+# --------------------------------------------------------------------------- run
+
+
+def _pair_rows(ctx: RunContext, st: Settings, sample: Sample, task: str) -> pd.DataFrame | dict:
     """The pair's MF rows for `task`, or (a dict) the record of why the pair is left out of it."""
-    ad, exp = ctx.adapter, ctx.cfg.experiment
+    ad = ctx.adapter
     source_image, base_image = sample.load_image(), inpainted_sample(sample).load_image()
     prompt = ad.prompt(task, sample.category)
     answer, target = "", Target(0)
@@ -76,28 +114,28 @@ def _pair_rows(ctx: RunContext, sample: Sample, task: str) -> pd.DataFrame | dic
         answer = generate(ad, ad.prepare([source_image], [prompt]), int(ad.cfg.localization.max_new_tokens))[0]
         box = ad.parse_box(answer, source_image.width, source_image.height)
         source_iou = geometry.box_iou(box, sample.box_xyxy)
-        need = exp.localization_source_min_iou
-        if need is not None and source_iou < float(need):
+        need = st.localization_source_min_iou
+        if need is not None and source_iou < need:
             # the source run must give the correct answer: no localization MF for this pair
             return {"sample_id": sample.sample_id, "image_id": int(sample.image_id), "category": sample.category,
                     "task": task, "answer": answer, "source_iou": source_iou,
-                    "reason": f"source box missed (IoU {source_iou:.2f} < {float(need)})"}
+                    "reason": f"source box missed (IoU {source_iou:.2f} < {need})"}
         text = prompt + str(ad.cfg.classification.answer_prefix) + answer
         n_answer = ad.prepare([source_image], [text]).seq_len - ad.prepare([source_image], [prompt]).seq_len
-        target, prompt = Target(n_answer, str(exp.localization_p)), text
+        target, prompt = Target(n_answer, st.localization_p), text
         if n_answer == 0:
             raise ValueError(f"{sample.sample_id}: empty source answer")
     src, base = ad.prepare([source_image], [prompt]), ad.prepare([base_image], [prompt])
     p_src, p_base, patched = head_mediation(
-        ad, src, base, target, layers=None if exp.layers is None else list(exp.layers),
-        text_only=str(exp.positions) == "text", heads_per_pass=exp.heads_per_pass,
+        ad, src, base, target, layers=None if st.layers is None else list(st.layers),
+        text_only=st.positions == "text", heads_per_pass=st.heads_per_pass,
     )
-    mf = mediation_fraction(p_src, p_base, patched, float(exp.min_denominator))
+    mf = mediation_fraction(p_src, p_base, patched, st.min_denominator)
     layer, head = np.meshgrid(np.arange(ad.n_layers), np.arange(ad.n_heads), indexing="ij")
     keep = ~np.isnan(patched)
     return pd.DataFrame({
         "sample_id": sample.sample_id, "image_id": int(sample.image_id), "category": sample.category, "task": task,
-        "layer": layer[keep], "head": head[keep], "positions": str(exp.positions), "p_src": p_src, "p_base": p_base,
+        "layer": layer[keep], "head": head[keep], "positions": st.positions, "p_src": p_src, "p_base": p_base,
         "p_patched": patched[keep], "denominator": p_base - p_src, "mf": mf[keep], "valid": ~np.isnan(mf[keep]),
         "answer": answer, "source_iou": source_iou,
     })
@@ -108,13 +146,14 @@ def _read(path: Path, columns: list[str]) -> pd.DataFrame:
 
 
 def run(ctx: RunContext) -> None:
+    st = settings(ctx.cfg)
     path, dropped_path = ctx.run_dir / MF_FILE, ctx.run_dir / EXCLUDED_FILE
     existing, dropped = _read(path, MF_COLUMNS), _read(dropped_path, EXCLUDED_COLUMNS)
     done = set(zip(existing["sample_id"], existing["task"])) | set(zip(dropped["sample_id"], dropped["task"]))
     todo = [(s, t) for s in ctx.samples for t in ctx.cfg.tasks if (s.sample_id, t) not in done]
     frames, left_out = ([existing] if len(existing) else []), dropped.to_dict("records")
     for sample, task in tqdm(todo, desc="cma pairs", disable=not todo):
-        rows = _pair_rows(ctx, sample, task)
+        rows = _pair_rows(ctx, st, sample, task)
         if isinstance(rows, dict):
             left_out.append(rows)
             table = pd.DataFrame(left_out, columns=EXCLUDED_COLUMNS)

@@ -39,17 +39,19 @@ from pathlib import Path
 from typing import Any
 
 import pandas as pd
-from omegaconf import OmegaConf
+from omegaconf import MISSING
 
 from vlmloc.conditions import ABLATIONS, BASELINE, AblateHeads, Condition
 from vlmloc.engine.head_means import ANSWER_MEANS
-from vlmloc.experiments.choices import one_of, subset_of
+from vlmloc.errors import ConfigError
+from vlmloc.experiments.cma import POSITIONS
 from vlmloc.head_ranking import (MF_FILE, MF_STATISTICS, N_TOP_LISTED, Head, check_heads_fit, check_same_model,
                                  k_values, load_mf, random_heads, rankings, top_heads)
 from vlmloc.models.loading import lm_shape
 from vlmloc.reports import head_ablation as report
 from vlmloc.results import TASKS
 from vlmloc.runner import RunContext
+from vlmloc.settings import at_least, load, one_of, register, subset_of
 
 HEAD_SETS = ("top", "random", "cls_critical")
 
@@ -57,19 +59,37 @@ HEAD_SETS = ("top", "random", "cls_critical")
 # --------------------------------------------------------------------------- config
 
 
+@register("head_ablation")
 @dataclass(frozen=True)
 class Settings:
-    """experiment.* checked and typed."""
+    """experiment.* of configs/experiment/head_ablation.yaml, typed and checked."""
 
-    cma_dir: Path
-    mf_positions: str
-    ks: tuple[Any, ...]
-    head_sets: tuple[str, ...]
-    ablation: str
-    mean_samples: int
-    tasks: tuple[str, ...]
-    rank_by: str = "mean"
-    answer_mean: str = "text"
+    name: str = MISSING
+    cma_dir: Path = MISSING
+    rank_by: str = MISSING
+    mf_positions: str = MISSING
+    ks: tuple[Any, ...] = MISSING  # integers >= 1 and "all": no single element type
+    head_sets: tuple[str, ...] = MISSING
+    ablation: str = MISSING
+    answer_mean: str = MISSING
+    mean_samples: int = MISSING
+    tasks: tuple[str, ...] = MISSING
+
+    def __post_init__(self) -> None:
+        for k in self.ks:
+            if str(k) != "all" and (isinstance(k, bool) or not isinstance(k, int) or k < 1):
+                raise ValueError(f"experiment.ks holds integers >= 1 or 'all', got {list(self.ks)}")
+        if not self.ks:
+            raise ValueError("experiment.ks is empty")
+        head_sets = subset_of("experiment.head_sets", self.head_sets, HEAD_SETS, distinct=True)
+        one_of("experiment.ablation", self.ablation, ABLATIONS)
+        at_least("experiment.mean_samples", self.mean_samples, 1)
+        tasks = subset_of("experiment.tasks", self.tasks, TASKS)
+        if head_sets == ("cls_critical",) and "localization" not in tasks:
+            raise ValueError("head_sets=[cls_critical] is measured on localization: add localization to experiment.tasks")
+        one_of("experiment.rank_by", self.rank_by, MF_STATISTICS)
+        one_of("experiment.answer_mean", self.answer_mean, ANSWER_MEANS)
+        one_of("experiment.mf_positions", self.mf_positions, POSITIONS)
 
     @property
     def ranking_tasks(self) -> list[str]:
@@ -81,29 +101,15 @@ class Settings:
 
 
 def settings(cfg: Any) -> Settings:
+    """`cfg.experiment` as `Settings`; a missing cma_dir is named with what to point it at."""
     exp = cfg.experiment
-    if OmegaConf.is_missing(exp, "cma_dir") or exp.cma_dir is None:
-        raise ValueError(
+    # `???` or null: the schema would only say "missing value", not which run to give
+    if "cma_dir" not in exp or exp.cma_dir is None:
+        raise ConfigError(
             "experiment=head_ablation needs experiment.cma_dir=<run directory of experiment=cma>, "
             "the causal-mediation run whose mf.parquet ranks the heads"
         )
-    ks = tuple(exp.ks)
-    for k in ks:
-        if str(k) != "all" and (isinstance(k, bool) or not isinstance(k, int) or k < 1):
-            raise ValueError(f"experiment.ks holds integers >= 1 or 'all', got {list(ks)}")
-    if not ks:
-        raise ValueError("experiment.ks is empty")
-    head_sets = subset_of("experiment.head_sets", exp.head_sets, HEAD_SETS, distinct=True)
-    ablation = one_of("experiment.ablation", exp.ablation, ABLATIONS)
-    if int(exp.mean_samples) < 1:
-        raise ValueError(f"experiment.mean_samples must be >= 1, got {exp.mean_samples}")
-    tasks = subset_of("experiment.tasks", exp.tasks, TASKS)
-    if head_sets == ("cls_critical",) and "localization" not in tasks:
-        raise ValueError("head_sets=[cls_critical] is measured on localization: add localization to experiment.tasks")
-    rank_by = one_of("experiment.rank_by", exp.rank_by, MF_STATISTICS)
-    answer_mean = one_of("experiment.answer_mean", exp.answer_mean, ANSWER_MEANS)
-    return Settings(Path(str(exp.cma_dir)), str(exp.mf_positions), ks, head_sets, ablation, int(exp.mean_samples), tasks,
-                    rank_by, answer_mean)
+    return load(Settings, cfg)
 
 
 def cma_rankings(st: Settings) -> dict[str, pd.DataFrame]:
@@ -150,7 +156,8 @@ def conditions(plan: Plan, n_heads: int, *, seed: int) -> list[Condition]:
     """baseline, then per head set and k: the heads of each measured task, ablated by `ablation`."""
     conds = [Condition(BASELINE.name, columns={"head_set": "none", "k": 0, "ranking": ""})]
     for head_set in plan.st.head_sets:
-        tasks = tuple(t for t in plan.st.tasks if t == "localization") if head_set == "cls_critical" else plan.st.tasks
+        every = tuple(plan.st.tasks)
+        tasks = tuple(t for t in every if t == "localization") if head_set == "cls_critical" else every
         for k in plan.ks:
             heads = tuple((t, tuple(plan.heads(head_set, k, t, n_heads, seed))) for t in tasks)
             columns = {"head_set": head_set, "k": k, "ranking": "classification" if head_set == "cls_critical" else "task"}

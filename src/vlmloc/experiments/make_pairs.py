@@ -25,11 +25,12 @@ import json
 import logging
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
-from omegaconf import OmegaConf
+from omegaconf import MISSING, OmegaConf
 
 from vlmloc.runner import RunContext
 from vlmloc.data.pairs import (
@@ -43,6 +44,7 @@ from vlmloc.inpaint import build_inpainter
 from vlmloc.provenance import write_run_json
 from vlmloc.reports import make_pairs as report
 from vlmloc.results import RUN_JSON_FILE, is_missing
+from vlmloc.settings import at_least, load, register
 
 log = logging.getLogger("vlmloc.experiments.make_pairs")
 
@@ -51,10 +53,39 @@ log = logging.getLogger("vlmloc.experiments.make_pairs")
 RECOMPUTES_CHANGED_CONFIG = True
 
 
+# --------------------------------------------------------------------------- config
+
+
+@register("make_pairs")
+@dataclass(frozen=True)
+class Settings:
+    """experiment.* of configs/experiment/make_pairs.yaml, typed and checked."""
+
+    name: str = MISSING
+    require_localization: bool = MISSING
+    figure_examples: int = MISSING
+
+    def __post_init__(self) -> None:
+        at_least("experiment.figure_examples", self.figure_examples, 0)
+
+
+def settings(cfg: Any) -> Settings:
+    """`cfg.experiment` as `Settings` (a `ConfigError` naming the key if it does not fit)."""
+    return load(Settings, cfg)
+
+
+def check_config(cfg: Any) -> None:
+    """Fail fast, before data or model work: valid settings."""
+    settings(cfg)
+
+
+# --------------------------------------------------------------------------- run
+
+
 def run(ctx: RunContext) -> None:
     """Inpaint, ask, filter; then the manifest, run.json, summary and figure where anything changed."""
     cfg = ctx.cfg
-    require_loc = bool(cfg.experiment.get("require_localization", False))
+    require_loc = settings(cfg).require_localization
     inpainter = build_inpainter(cfg.get("inpaint"))  # a missing or broken checkpoint fails here, before any work
     samples = ctx.samples
     inpainter.check_samples(samples)

@@ -10,14 +10,47 @@ from __future__ import annotations
 
 import importlib
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import MISSING, DictConfig, OmegaConf
 
 from vlmloc.runner import RunContext
+from vlmloc.settings import load, register
 
 log = logging.getLogger("vlmloc.experiments.suite")
+
+
+# --------------------------------------------------------------------------- config
+
+
+@register("suite")
+@dataclass(frozen=True)
+class Settings:
+    """experiment.* of configs/experiment/suite.yaml, typed and checked."""
+
+    name: str = MISSING
+    runs: tuple[str, ...] = MISSING  # experiments to run, in order
+    overrides: dict[str, Any] = MISSING  # experiment name -> settings merged onto its own file's
+
+    def __post_init__(self) -> None:
+        runs = list(self.runs)
+        if not runs or "suite" in runs:
+            raise ValueError(f"experiment.runs must list one or more experiments other than suite, got {runs}")
+        # overrides of experiments left out of `runs` wait unused; a name with no experiment is a typo
+        unknown = [n for n in self.overrides if not experiment_file(n).exists()]
+        if unknown:
+            raise ValueError(f"experiment.overrides names {unknown}: no such experiment under configs/experiment/")
+        for name in runs:
+            _check_exists(name)
+
+
+def settings(cfg: DictConfig) -> Settings:
+    return load(Settings, cfg)
+
+
+# --------------------------------------------------------------------------- runs
 
 
 def experiment_file(name: str) -> Path:
@@ -40,6 +73,12 @@ def _compose(overrides: list[str]) -> DictConfig:
         return compose("config", overrides=overrides)
 
 
+def _check_exists(name: str) -> None:
+    """A run's experiment must have its configs/experiment/<name>.yaml."""
+    if not experiment_file(name).exists():
+        raise ValueError(f"experiment.runs names {name!r}, but there is no {experiment_file(name)}")
+
+
 def _changed(cfg: Any, default: Any) -> Any:
     """The leaves of `cfg` that differ from `default` (a nested dict), or _SAME."""
     if isinstance(cfg, dict) and isinstance(default, dict):
@@ -56,8 +95,7 @@ def run_config(cfg: DictConfig, name: str) -> DictConfig:
     `experiment=<name>` (its own defaults list included, e.g. make_pairs' inpaint backend), then
     every value this command set differently from the plain suite is laid over it, then
     `experiment.overrides.<name>`."""
-    if not experiment_file(name).exists():
-        raise ValueError(f"experiment.runs names {name!r}, but there is no {experiment_file(name)}")
+    _check_exists(name)
     own = OmegaConf.to_container(_compose([f"experiment={name}"]), resolve=False)
     plain = OmegaConf.to_container(_compose([f"experiment={cfg.experiment.name}"]), resolve=False)
     mine = OmegaConf.to_container(cfg, resolve=False)
@@ -70,15 +108,8 @@ def run_config(cfg: DictConfig, name: str) -> DictConfig:
 
 
 def check_config(cfg: DictConfig) -> None:
-    """Every run's config composes and passes its experiment's own checks."""
-    runs = list(cfg.experiment.runs)
-    if not runs or "suite" in runs:
-        raise ValueError(f"experiment.runs must list one or more experiments other than suite, got {runs}")
-    # overrides of experiments left out of `runs` wait unused; a name with no experiment is a typo
-    unknown = [n for n in (cfg.experiment.get("overrides") or {}) if not experiment_file(n).exists()]
-    if unknown:
-        raise ValueError(f"experiment.overrides names {unknown}: no such experiment under configs/experiment/")
-    for name in runs:
+    """Valid settings; every run's config composes and passes its experiment's own checks."""
+    for name in settings(cfg).runs:
         sub = run_config(cfg, name)
         module = importlib.import_module(f"vlmloc.experiments.{sub.experiment.name}")
         if hasattr(module, "check_config"):
@@ -94,9 +125,10 @@ def _without_experiment(cfg: DictConfig) -> dict:
 def run(ctx: RunContext) -> None:
     from vlmloc.app import run as run_one
 
+    st = settings(ctx.cfg)
     parts, baseline = [], None
     shared_data = OmegaConf.to_container(ctx.cfg.data, resolve=True)
-    for name in ctx.cfg.experiment.runs:
+    for name in st.runs:
         sub = run_config(ctx.cfg, name)
         log.info("suite: experiment=%s into %s", name, ctx.run_dir / name)
         data = ctx._data if OmegaConf.to_container(sub.data, resolve=True) == shared_data else None
@@ -108,4 +140,4 @@ def run(ctx: RunContext) -> None:
         parts.append(f"## {name}\n\n" + "\n".join(f"{t.name}:\n\n{t.read_text()}" for t in tables))
     (ctx.run_dir / "summary.md").write_text("\n".join(parts))
     print(f"\nsuite | model={ctx.cfg.model.name} | data={ctx.cfg.data.name} | {ctx.run_dir}: "
-          + ", ".join(f"{n}/" for n in ctx.cfg.experiment.runs))
+          + ", ".join(f"{n}/" for n in st.runs))
