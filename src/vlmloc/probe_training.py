@@ -36,11 +36,15 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import torch
+from omegaconf import MISSING
 
 from vlmloc.data.images import ImageFiles
 from vlmloc.engine.capture import LLM, PROJECTOR, VISION, Stage, capture, model_stages, stage_tokens
 from vlmloc.models.adapter import VLMAdapter
+from vlmloc.models.layout import GLOBAL, LOCAL
 from vlmloc.probes import (
+    TARGETS,
+    TRAINERS,
     PositionScores,
     ProbeSpec,
     SklearnProbes,
@@ -50,9 +54,8 @@ from vlmloc.probes import (
     n_classes,
     probe_targets,
 )
+from vlmloc.settings import above, at_least, one_of, subset_of
 
-# The plan and epoch lines are the position-probe experiment's progress: logged under its name,
-# so its run log shows (and filters) them with the experiment's own lines.
 log = logging.getLogger("vlmloc.probe_training")
 
 ACCURACY_COLUMNS = ("stage", "stage_index", "kind", "view", "target", "accuracy", "chance",
@@ -62,9 +65,66 @@ ACCURACY_COLUMNS = ("stage", "stage_index", "kind", "view", "target", "accuracy"
 # r * grid + c (long, CPU), view [n] str.
 StageBatch = tuple[torch.Tensor, torch.Tensor, np.ndarray]
 EPOCH_MODES = ("auto", "rerun", "cache")
+LR_SCHEDULES = ("cosine", "constant")
+VIEWS = (GLOBAL, LOCAL)
 
 
 # --------------------------------------------------------------------------- stages
+
+
+
+@dataclass(frozen=True)
+class SklearnSettings:
+    """experiment.probe.sklearn: the full-batch reference trainer and when `trainer=auto` picks it."""
+
+    C: float = MISSING  # inverse L2 strength
+    max_iter: int = MISSING  # lbfgs iterations
+    max_tokens: int = MISSING  # auto: sklearn only up to this many training tokens per stage ...
+    max_classes: int = MISSING  # ... and this many classes per probe
+
+    def __post_init__(self) -> None:
+        above("experiment.probe.sklearn.C", self.C, 0.0)
+        at_least("experiment.probe.sklearn.max_iter", self.max_iter, 1)
+        at_least("experiment.probe.sklearn.max_tokens", self.max_tokens, 0)
+        at_least("experiment.probe.sklearn.max_classes", self.max_classes, 0)
+
+
+@dataclass(frozen=True)
+class ProbeSettings:
+    """experiment.probe: the probes and how they train (read by `vlmloc.probe_training`)."""
+
+    target: str = MISSING  # position | row_col
+    trainer: str = MISSING  # auto | torch | sklearn
+    epochs: int = MISSING  # passes over the training images (torch trainer)
+    epoch_mode: str = MISSING  # auto | rerun | cache
+    token_rate: float = MISSING  # share of each batch's visual tokens used for training, in (0, 1]
+    views: tuple[str, ...] | None = MISSING  # InternVL views to train and test on (None = all)
+    lr: float = MISSING  # Adam learning rate at epoch 1 for a stage of width lr_ref_dim
+    lr_ref_dim: int | None = MISSING  # lr scales by sqrt(lr_ref_dim / dim); None = lr everywhere
+    lr_schedule: str = MISSING  # cosine | constant
+    weight_decay: float = MISSING  # Adam weight decay
+    minibatch_tokens: int = MISSING  # tokens per Adam step
+    standardize: bool = MISSING  # z-score features with the first batch's statistics
+    bf16_matmul: bool = MISSING  # CUDA only: probe matmuls in bf16 autocast
+    max_cache_gb: float = MISSING  # bound of the cached training tokens (cache / sklearn)
+    sklearn: SklearnSettings = MISSING
+
+    def __post_init__(self) -> None:
+        one_of("experiment.probe.target", self.target, TARGETS)
+        one_of("experiment.probe.trainer", self.trainer, TRAINERS)
+        at_least("experiment.probe.epochs", self.epochs, 1)
+        one_of("experiment.probe.epoch_mode", self.epoch_mode, EPOCH_MODES)
+        if not 0.0 < self.token_rate <= 1.0:
+            raise ValueError(f"experiment.probe.token_rate must be in (0, 1], got {self.token_rate}")
+        if self.views:  # an empty list, like null, keeps every view (probe_positions reads it so)
+            subset_of("experiment.probe.views", self.views, VIEWS)
+        above("experiment.probe.lr", self.lr, 0.0, inclusive=True)
+        if self.lr_ref_dim is not None:
+            at_least("experiment.probe.lr_ref_dim", self.lr_ref_dim, 1)
+        one_of("experiment.probe.lr_schedule", self.lr_schedule, LR_SCHEDULES)
+        above("experiment.probe.weight_decay", self.weight_decay, 0.0, inclusive=True)
+        at_least("experiment.probe.minibatch_tokens", self.minibatch_tokens, 1)
+        above("experiment.probe.max_cache_gb", self.max_cache_gb, 0.0, inclusive=True)
 
 
 def resolve_stages(specs: Sequence[str] | None, stages: Sequence[Stage]) -> list[Stage]:

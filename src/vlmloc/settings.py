@@ -94,3 +94,10 @@ def at_least(key: str, value: int, low: int) -> int:
     if value < low:
         raise ValueError(f"{key} must be >= {low}, got {value}")
     return value
+
+
+def above(key: str, value: float, low: float, *, inclusive: bool = False) -> float:
+    """`value`, if it is > `low` (>= if `inclusive`)."""
+    if value < low or (value == low and not inclusive):
+        raise ValueError(f"{key} must be {'>=' if inclusive else '>'} {low}, got {value}")
+    return value
