@@ -179,9 +179,9 @@ def test_extension_matrix_hand_checked():
 def test_bad_settings_are_refused():
     cfg = compose_cfg("experiment=extension", "experiment.pads=[0,-1]")
     with pytest.raises(ValueError, match="pads must be distinct integers >= 0"):
-        ext._settings(cfg)
+        ext.settings(cfg)
     with pytest.raises(ValueError, match="must include localization"):
-        ext._settings(compose_cfg("experiment=extension", "experiment.tasks=[classification]"))
+        ext.settings(compose_cfg("experiment=extension", "experiment.tasks=[classification]"))
 
 
 def test_extension_end_to_end_tiny_llava(tiny_llava, tmp_path, monkeypatch, capsys):
@@ -232,4 +232,4 @@ def test_the_gt_cell_is_the_global_views_by_default_or_the_local_canvas(tiny_int
     llava = ext.layout_for_size(tiny_llava, 900, 300)
     assert ext.grid_columns(llava)["cell_w"] == ext.grid_columns(llava, "local")["cell_w"] == 900 / 24
     with pytest.raises(ValueError, match="experiment.cell"):
-        ext._settings(compose_cfg("experiment=extension", "experiment.cell=thumbnail"))
+        ext.settings(compose_cfg("experiment=extension", "experiment.cell=thumbnail"))

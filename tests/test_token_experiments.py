@@ -20,7 +20,7 @@ def test_token_ablation_end_to_end(model, tmp_path, monkeypatch):
     run_dir = tmp_path / "run"
     app.run(cfg, run_dir)
     df = pd.read_parquet(run_dir / "results.parquet")
-    names = [c.name for c in token_ablation.conditions(cfg.experiment, int(cfg.seed))]
+    names = [c.name for c in token_ablation.conditions(token_ablation.settings(cfg), int(cfg.seed))]
     assert list(pd.unique(df["condition"])) == names
     assert len(df) == 2 * 2 * len(names)
     frac = df.groupby("condition")["frac_edited"].mean()

@@ -188,11 +188,6 @@ def _from_arrow(table: pa.Table) -> pd.DataFrame:
     return coerce_results(df)
 
 
-def _keys(df: pd.DataFrame) -> list[Key]:
-    # tolist() per column: iterating arrow-backed string rows one by one is ~50x slower.
-    return list(zip(*(df[c].astype(str).tolist() for c in RESULT_KEY)))
-
-
 # --------------------------------------------------------------------------- atomic files
 
 
@@ -240,15 +235,21 @@ def atomic_write(path: str | os.PathLike, write: Callable[[IO[bytes]], None]) ->
 # --------------------------------------------------------------------------- store
 
 
-class ResultStore:
-    """The results parquet of one run directory, with resume by `RESULT_KEY`."""
+class KeyedTable:
+    """One parquet file of a run directory whose rows are keyed by `key` columns: the one resume
+    mechanism. `add` merges rows by key (new replace stored) and rewrites the file atomically, so a
+    kill loses at most the rows not yet added; `done_keys` is what a rerun skips; a file that cannot
+    be read (e.g. truncated by a full disk) is moved aside and its rows recomputed."""
 
-    def __init__(self, run_dir: str | os.PathLike) -> None:
-        self.run_dir = Path(run_dir)
-        self.path = self.run_dir / RESULTS_FILE
+    def __init__(self, path: str | os.PathLike, key: tuple[str, ...]) -> None:
+        self.path, self.key = Path(path), tuple(key)
+        self.run_dir = self.path.parent
         # Last frame read or written, with the file signature it matches: an experiment calls
         # add() once per batch, and re-reading the whole parquet each time would be quadratic.
-        self._cache: tuple[tuple[int, int], pd.DataFrame] | None = None
+        self._cache: tuple[tuple[int, int] | None, pd.DataFrame] | None = None
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({str(self.path)!r})"
 
     def _signature(self) -> tuple[int, int] | None:
         try:
@@ -257,33 +258,47 @@ class ResultStore:
             return None
         return (st.st_mtime_ns, st.st_size)
 
-    def __repr__(self) -> str:
-        return f"ResultStore({str(self.run_dir)!r})"
+    # conversions between frames and arrow tables (ResultStore types the results schema)
+    def _empty(self) -> pd.DataFrame:
+        return pd.DataFrame(columns=list(self.key))
+
+    def _coerce(self, df: pd.DataFrame) -> pd.DataFrame:
+        return df
+
+    def _to_table(self, df: pd.DataFrame) -> pa.Table:
+        return pa.Table.from_pandas(df, preserve_index=False)
+
+    def _from_table(self, table: pa.Table) -> pd.DataFrame:
+        return table.to_pandas()
+
+    def keys_of(self, df: pd.DataFrame) -> list[tuple[str, ...]]:
+        # tolist() per column: iterating arrow-backed string rows one by one is ~50x slower.
+        return list(zip(*(df[c].astype(str).tolist() for c in self.key)))
 
     def load(self) -> pd.DataFrame:
-        """All stored rows; an empty frame with the schema when nothing is stored yet."""
+        """All stored rows; an empty frame when nothing is stored yet."""
         sig = self._signature()
         if sig is None:
-            return empty_results()
+            return self._empty()
         if self._cache is None or self._cache[0] != sig:
             try:
                 table = pq.read_table(self.path)
             except (pa.ArrowInvalid, OSError) as err:
-                # e.g. truncated by a full disk: keep it for inspection, recompute its rows
+                # keep it for inspection, recompute its rows
                 aside = self.path.with_name(f"{self.path.name}.corrupt-{time.strftime('%Y%m%d-%H%M%S')}")
                 os.replace(self.path, aside)
                 log.warning("%s is not a readable parquet file (%s): moved to %s; its rows will be recomputed",
                             self.path, " ".join(str(err).split())[:200], aside.name)
                 self._cache = None
-                return empty_results()
-            self._cache = (sig, _from_arrow(table))
+                return self._empty()
+            self._cache = (sig, self._from_table(table))
         return self._cache[1].copy()
 
-    def done_keys(self) -> set[Key]:
-        """Keys (sample_id, task, condition) already stored."""
-        return set(_keys(self.load()))
+    def done_keys(self) -> set[tuple[str, ...]]:
+        """Keys already stored, each value as a string."""
+        return set(self.keys_of(self.load()))
 
-    def pending(self, keys: Iterable[tuple[Any, ...]]) -> list[Key]:
+    def pending(self, keys: Iterable[tuple[Any, ...]]) -> list[tuple[str, ...]]:
         """The given keys not yet stored, in their given order."""
         done = self.done_keys()
         return [k for k in (tuple(map(str, key)) for key in keys) if k not in done]
@@ -293,20 +308,42 @@ class ResultStore:
         write atomically and return the merged frame.
 
         Each call rewrites the whole file, so add once per batch of work, not once per row."""
-        new = coerce_results(df)
-        dup = new.duplicated(list(RESULT_KEY), keep=False)
+        new = self._coerce(df)
+        dup = new.duplicated(list(self.key), keep=False)
         if dup.any():
             # Two rows for one key in a single batch is a bug upstream, not a replacement.
-            dups = sorted(set(_keys(new[dup])))[:5]
+            dups = sorted(set(self.keys_of(new[dup])))[:5]
             raise ValueError(f"duplicate result keys in new rows, e.g. {dups}")
         old = self.load()
         if len(old):
-            old = old[~pd.Series(_keys(old), index=old.index).isin(set(_keys(new)))]
+            old = old[~pd.Series(self.keys_of(old), index=old.index).isin(set(self.keys_of(new)))]
             merged = pd.concat([old, new], ignore_index=True) if len(old) else new
         else:
             merged = new
         merged = merged.reset_index(drop=True)
-        table = _to_arrow(merged)
+        table = self._to_table(merged)
         atomic_write(self.path, lambda f: pq.write_table(table, f))
         self._cache = (self._signature(), merged.copy())
         return merged
+
+
+class ResultStore(KeyedTable):
+    """The results parquet of one run directory (the results schema), keyed by `RESULT_KEY`."""
+
+    def __init__(self, run_dir: str | os.PathLike) -> None:
+        super().__init__(Path(run_dir) / RESULTS_FILE, RESULT_KEY)
+
+    def __repr__(self) -> str:
+        return f"ResultStore({str(self.run_dir)!r})"
+
+    def _empty(self) -> pd.DataFrame:
+        return empty_results()
+
+    def _coerce(self, df: pd.DataFrame) -> pd.DataFrame:
+        return coerce_results(df)
+
+    def _to_table(self, df: pd.DataFrame) -> pa.Table:
+        return _to_arrow(df)
+
+    def _from_table(self, table: pa.Table) -> pd.DataFrame:
+        return _from_arrow(table)

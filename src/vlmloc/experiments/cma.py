@@ -28,8 +28,7 @@ from vlmloc.data.sample import Sample
 from vlmloc.engine.mediation import Target, head_mediation, mediation_fraction
 from vlmloc.engine.readout import generate
 from vlmloc.reports import cma as report
-# re-exported: head ablation ranks heads by these statistics of this experiment's rows
-from vlmloc.results import atomic_write
+from vlmloc.results import KeyedTable
 from vlmloc.settings import at_least, load, one_of, register
 
 log = logging.getLogger("vlmloc.experiments.cma")
@@ -141,29 +140,30 @@ def _pair_rows(ctx: RunContext, st: Settings, sample: Sample, task: str) -> pd.D
     })
 
 
-def _read(path: Path, columns: list[str]) -> pd.DataFrame:
-    return pd.read_parquet(path) if path.exists() else pd.DataFrame(columns=columns)
+class _Rows(KeyedTable):
+    """A CMA parquet, empty with its columns when absent."""
+
+    def __init__(self, path: Path, key: tuple[str, ...], columns: list[str]) -> None:
+        super().__init__(path, key)
+        self.columns = columns
+
+    def _empty(self) -> pd.DataFrame:
+        return pd.DataFrame(columns=self.columns)
 
 
 def run(ctx: RunContext) -> None:
     st = settings(ctx.cfg)
-    path, dropped_path = ctx.run_dir / MF_FILE, ctx.run_dir / EXCLUDED_FILE
-    existing, dropped = _read(path, MF_COLUMNS), _read(dropped_path, EXCLUDED_COLUMNS)
-    done = set(zip(existing["sample_id"], existing["task"])) | set(zip(dropped["sample_id"], dropped["task"]))
+    # one row per pair x task x layer x head, and one per pair x task left out before patching
+    mf = _Rows(ctx.run_dir / MF_FILE, ("sample_id", "task", "layer", "head", "positions"), MF_COLUMNS)
+    left_out = _Rows(ctx.run_dir / EXCLUDED_FILE, ("sample_id", "task"), EXCLUDED_COLUMNS)
+    done = {key[:2] for key in mf.done_keys()} | left_out.done_keys()
     todo = [(s, t) for s in ctx.samples for t in ctx.cfg.tasks if (s.sample_id, t) not in done]
-    frames, left_out = ([existing] if len(existing) else []), dropped.to_dict("records")
     for sample, task in tqdm(todo, desc="cma pairs", disable=not todo):
         rows = _pair_rows(ctx, st, sample, task)
-        if isinstance(rows, dict):
-            left_out.append(rows)
-            table = pd.DataFrame(left_out, columns=EXCLUDED_COLUMNS)
-            atomic_write(dropped_path, lambda f: table.to_parquet(f, index=False))
-            continue
-        frames.append(rows)
-        mf = pd.concat(frames, ignore_index=True)
-        atomic_write(path, lambda f: mf.to_parquet(f, index=False))  # after every pair: resumable
+        # stored after every pair: a kill loses at most the pair in flight
+        left_out.add(pd.DataFrame([rows], columns=EXCLUDED_COLUMNS)) if isinstance(rows, dict) else mf.add(rows)
     if todo:
-        ctx.write_provenance(cma={"pairs": len(ctx.samples), "dropped": len(left_out)})
+        ctx.write_provenance(cma={"pairs": len(ctx.samples), "dropped": len(left_out.load())})
     else:
         log.info("all pairs already analysed in %s: nothing to do", ctx.run_dir)
-    report.write(_read(path, MF_COLUMNS), pd.DataFrame(left_out, columns=EXCLUDED_COLUMNS), ctx.run_dir, ctx.cfg)
+    report.write(mf.load(), left_out.load(), ctx.run_dir, ctx.cfg)

@@ -38,20 +38,65 @@ predicted box).
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import pandas as pd
 import torch
+from omegaconf import MISSING
 
 from vlmloc.conditions import BASELINE, Condition, Extend
 from vlmloc.extension_geometry import GRID_COLUMNS, finest_grid, grid_record
 from vlmloc.models.adapter import VLMAdapter
 from vlmloc.models.layout import GLOBAL, VisualLayout
 from vlmloc.reports import extension as extension_report
+from vlmloc.results import TASKS
 from vlmloc.runner import RunContext
+from vlmloc.settings import at_least, load, one_of, register, subset_of
 
 NAME = "extension"
 CELLS = ("global", "local")
+
+
+# --------------------------------------------------------------------------- config
+
+
+def _distinct_at_least_zero(key: str, values: Sequence[int]) -> None:
+    if not values or any(v < 0 for v in values) or len(set(values)) != len(values):
+        raise ValueError(f"{key} must be distinct integers >= 0, got {list(values)}")
+
+
+@register(NAME)
+@dataclass(frozen=True)
+class Settings:
+    """experiment.* of configs/experiment/extension.yaml, typed and checked."""
+
+    name: str = MISSING
+    pads: tuple[int, ...] = MISSING
+    scale_levels: tuple[int, ...] = MISSING
+    cell: str = MISSING
+    tasks: tuple[str, ...] = MISSING
+    n_examples: int = MISSING
+
+    def __post_init__(self) -> None:
+        _distinct_at_least_zero("experiment.pads", self.pads)
+        _distinct_at_least_zero("experiment.scale_levels", self.scale_levels)
+        subset_of("experiment.tasks", self.tasks, TASKS)
+        if "localization" not in self.tasks:
+            raise ValueError(f"experiment.tasks must include localization (the matrix is built from boxes), "
+                             f"got {list(self.tasks)}")
+        one_of("experiment.cell", self.cell, CELLS)
+        at_least("experiment.n_examples", self.n_examples, 0)
+
+
+def settings(cfg: Any) -> Settings:
+    """experiment.* of `cfg` as Settings; a bad value is a ConfigError naming its key."""
+    return load(Settings, cfg)
+
+
+def check_config(cfg: Any) -> None:
+    """Fail fast, before data or model work: valid settings."""
+    settings(cfg)
 
 
 # --------------------------------------------------------------------------- conditions
@@ -98,25 +143,10 @@ def grid_columns(layout: VisualLayout, cell: str = "global") -> dict[str, Any]:
 # --------------------------------------------------------------------------- run
 
 
-def _settings(cfg: Any) -> tuple[list[int], list[int], list[str], int, str]:
-    exp = cfg.experiment
-    pads = [int(p) for p in exp.pads]
-    levels = [int(q) for q in exp.scale_levels]
-    tasks = [str(t) for t in exp.tasks]
-    if not pads or any(p < 0 for p in pads) or len(set(pads)) != len(pads):
-        raise ValueError(f"experiment.pads must be distinct integers >= 0, got {pads}")
-    if not levels or any(q < 0 for q in levels) or len(set(levels)) != len(levels):
-        raise ValueError(f"experiment.scale_levels must be distinct integers >= 0, got {levels}")
-    if "localization" not in tasks:
-        raise ValueError(f"experiment.tasks must include localization (the matrix is built from boxes), got {tasks}")
-    if str(exp.cell) not in CELLS:
-        raise ValueError(f"experiment.cell must be one of {list(CELLS)}, got {exp.cell!r}")
-    return pads, levels, tasks, int(exp.n_examples), str(exp.cell)
-
-
 def run(ctx: RunContext) -> None:
     cfg = ctx.cfg
-    pads, levels, tasks, n_examples, cell = _settings(cfg)
+    st = settings(cfg)
+    pads, levels, tasks, cell = list(st.pads), list(st.scale_levels), list(st.tasks), st.cell
     geo: dict[str, dict[str, Any]] = {}
 
     def grid_columns_of(df: pd.DataFrame) -> pd.DataFrame:
@@ -129,4 +159,4 @@ def run(ctx: RunContext) -> None:
 
     results = ctx.run_conditions(extension_conditions(int(cfg.seed), pads), tasks, columns=grid_columns_of)
     extension_report.write(results, ctx.run_dir, cfg, names={p: condition_name(p) for p in pads}, levels=levels,
-                           samples=ctx.samples, n_examples=n_examples)
+                           samples=ctx.samples, n_examples=st.n_examples)

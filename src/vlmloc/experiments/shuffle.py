@@ -10,34 +10,68 @@ positions src = dst[perm], seeded per sample so every batch draws the same permu
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
-from vlmloc.runner import RunContext
+from omegaconf import MISSING
+
 from vlmloc.conditions import BASELINE, AllTokens, Condition, ObjectTokens, Permute
 from vlmloc.reports.tables import paper_table, write_summary
+from vlmloc.runner import RunContext
+from vlmloc.settings import load, one_of, register, subset_of
 
 SCOPES = ("global", "object")
+WITHIN = ("tile", "image")
+
+
+# --------------------------------------------------------------------------- config
+
+
+@register("shuffle")
+@dataclass(frozen=True)
+class Settings:
+    """experiment.* of configs/experiment/shuffle.yaml, typed and checked."""
+
+    name: str = MISSING
+    scopes: tuple[str, ...] = MISSING
+    within: str = MISSING
+
+    def __post_init__(self) -> None:
+        subset_of("experiment.scopes", self.scopes, SCOPES)
+        one_of("experiment.within", self.within, WITHIN)
+
+
+def settings(cfg: Any) -> Settings:
+    """experiment.* of `cfg` as Settings; a bad value is a ConfigError naming its key."""
+    return load(Settings, cfg)
+
+
+def check_config(cfg: Any) -> None:
+    """Fail fast, before data or model work: valid settings."""
+    settings(cfg)
+
+
+# --------------------------------------------------------------------------- conditions
 
 
 def shuffle_condition(scope: str, seed: int, within: str = "tile") -> Condition:
     if scope not in SCOPES:
         raise ValueError(f"unknown shuffle scope {scope!r}; expected global or object")
-    if within not in ("tile", "image"):
+    if within not in WITHIN:
         raise ValueError(f"unknown shuffle experiment.within={within!r}; expected tile or image")
     tokens, within = (AllTokens(), "image") if scope == "global" else (ObjectTokens(), within)
     return Condition(f"shuffle:{scope}", (Permute(tokens, seed, ("shuffle", scope), within),),
                      {"strategy": "shuffle", "scope": scope})
 
 
-def conditions(exp: Any, seed: int) -> list[Condition]:
-    return [BASELINE] + [shuffle_condition(str(s), seed, str(exp.within)) for s in exp.scopes]
+def conditions(st: Settings, seed: int) -> list[Condition]:
+    return [BASELINE] + [shuffle_condition(s, seed, st.within) for s in st.scopes]
 
 
-def check_config(cfg) -> None:
-    conditions(cfg.experiment, int(cfg.seed))
+# --------------------------------------------------------------------------- run
 
 
 def run(ctx: RunContext) -> None:
-    conds = conditions(ctx.cfg.experiment, int(ctx.cfg.seed))
+    conds = conditions(settings(ctx.cfg), int(ctx.cfg.seed))
     results = ctx.run_conditions(conds, list(ctx.cfg.tasks))
     write_summary(ctx.run_dir, ctx.cfg, paper_table(results, [c.name for c in conds]), "table2_shuffle.md")

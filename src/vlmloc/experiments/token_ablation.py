@@ -16,14 +16,77 @@ The clean run comes first: integrated gradients attribute its answers.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
-from vlmloc.runner import RunContext
+from omegaconf import MISSING
+
 from vlmloc.conditions import BASELINE, AboveMedian, Condition, ObjectTokens, RandomTokens, Replace, TopScored
 from vlmloc.reports.tables import paper_table, write_summary
+from vlmloc.runner import RunContext
 from vlmloc.selection import RANDOM_FROM
+from vlmloc.settings import at_least, load, one_of, register, subset_of
 
 STRATEGIES = ("object", "register", "integrated_gradients", "random")
+IG_BASELINES = ("mean", "zero")
+IG_RANK_BY = ("value", "abs")
+
+
+
+# --------------------------------------------------------------------------- config
+
+
+@dataclass(frozen=True)
+class Register:
+    """experiment.register: the high-norm token threshold."""
+
+    factor: float = MISSING
+
+
+@dataclass(frozen=True)
+class IntegratedGradients:
+    """experiment.integrated_gradients (read by `vlmloc.resources.ig_scores`)."""
+
+    baseline: str = MISSING
+    steps: int = MISSING
+    batch_size: int = MISSING
+    rank_by: str = MISSING
+
+    def __post_init__(self) -> None:
+        one_of("experiment.integrated_gradients.baseline", self.baseline, IG_BASELINES)
+        at_least("experiment.integrated_gradients.steps", self.steps, 1)
+        at_least("experiment.integrated_gradients.batch_size", self.batch_size, 1)
+        one_of("experiment.integrated_gradients.rank_by", self.rank_by, IG_RANK_BY)
+
+
+@register("token_ablation")
+@dataclass(frozen=True)
+class Settings:
+    """experiment.* of configs/experiment/token_ablation.yaml, typed and checked."""
+
+    name: str = MISSING
+    strategies: tuple[str, ...] = MISSING
+    pads: tuple[int, ...] = MISSING
+    random_from: str = MISSING
+    register: Register = MISSING
+    integrated_gradients: IntegratedGradients = MISSING
+
+    def __post_init__(self) -> None:
+        subset_of("experiment.strategies", self.strategies, STRATEGIES)
+        one_of("experiment.random_from", self.random_from, RANDOM_FROM)
+
+
+def settings(cfg: Any) -> Settings:
+    """experiment.* of `cfg` as Settings; a bad value is a ConfigError naming its key."""
+    return load(Settings, cfg)
+
+
+def check_config(cfg: Any) -> None:
+    """Fail fast, before data or model work: valid settings."""
+    settings(cfg)
+
+
+# --------------------------------------------------------------------------- conditions
 
 
 def object_condition(pad: int) -> Condition:
@@ -45,32 +108,27 @@ def ig_condition() -> Condition:
                      {"strategy": "integrated_gradients", "pad": 0})
 
 
-def conditions(exp: Any, seed: int) -> list[Condition]:
+def conditions(st: Settings, seed: int) -> list[Condition]:
     """baseline, then each strategy's conditions in experiment.strategies order."""
     conds = [BASELINE]
-    for strategy in exp.strategies:
+    for strategy in st.strategies:
         if strategy == "object":
-            conds += [object_condition(int(p)) for p in exp.pads]
+            conds += [object_condition(p) for p in st.pads]
         elif strategy == "random":
-            conds.append(random_condition(seed, str(exp.random_from)))
+            conds.append(random_condition(seed, st.random_from))
         elif strategy == "register":
-            conds.append(register_condition(float(exp.register.factor)))
+            conds.append(register_condition(st.register.factor))
         elif strategy == "integrated_gradients":
             conds.append(ig_condition())
-        else:
-            raise ValueError(f"unknown token selection strategy {strategy!r}; expected one of {list(STRATEGIES)}")
     return conds
 
 
-def check_config(cfg) -> None:
-    if str(cfg.experiment.random_from) not in RANDOM_FROM:
-        raise ValueError(f"experiment.random_from must be one of {list(RANDOM_FROM)}, got {cfg.experiment.random_from!r}")
-    conditions(cfg.experiment, int(cfg.seed))
+# --------------------------------------------------------------------------- run
 
 
 def run(ctx: RunContext) -> None:
     tasks = list(ctx.cfg.tasks)
-    conds = conditions(ctx.cfg.experiment, int(ctx.cfg.seed))
+    conds = conditions(settings(ctx.cfg), int(ctx.cfg.seed))
     ctx.run_conditions([BASELINE], tasks)
     results = ctx.run_conditions(conds, tasks)
     write_summary(ctx.run_dir, ctx.cfg, paper_table(results, [c.name for c in conds]), "table1_token_ablation.md")

@@ -25,36 +25,28 @@ from __future__ import annotations
 import itertools
 import logging
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import pandas as pd
+from omegaconf import MISSING
 
 from vlmloc.conditions import BASELINE, Condition, ObjectTokens, Replace
 from vlmloc.experiments.extension import layout_for_size
 from vlmloc.models.layout import GLOBAL, LOCAL
 from vlmloc.reports import view_ablation as view_report
 from vlmloc.reports.view_ablation import ALL, size_bins
+from vlmloc.results import TASKS
 from vlmloc.runner import RunContext
+from vlmloc.settings import load, register, subset_of
 
 log = logging.getLogger("vlmloc.experiments.view_ablation")
 
 VIEWS = (GLOBAL, LOCAL, "both")
 
 
-def check_config(cfg: Any) -> None:
-    """Fail fast, before data or model work: the experiment needs a model with global and local views."""
-    family = str(cfg.model.family)
-    if family != "internvl":
-        raise ValueError(
-            f"view_ablation needs a model with global and local views (InternVL); "
-            f"model={cfg.model.name} is {family}"
-        )
-    edges = list(cfg.experiment.size_bins.edges)
-    floor = cfg.data.get("filters", {}).get("min_area_frac")
-    if edges and floor is not None and float(floor) >= float(edges[0]):
-        log.warning("data.filters.min_area_frac=%s drops every object below the first size bin edge %s: the %r bin "
-                    "will be empty (on COCO use data=coco_sizes, or lower data.filters.min_area_frac)",
-                    floor, edges[0], str(cfg.experiment.size_bins.labels[0]))
+
+# --------------------------------------------------------------------------- config
 
 
 def check_bins(edges: Sequence[float], labels: Sequence[str]) -> tuple[list[float], list[str]]:
@@ -67,6 +59,54 @@ def check_bins(edges: Sequence[float], labels: Sequence[str]) -> tuple[list[floa
     if ALL in labels or len(set(labels)) != len(labels):
         raise ValueError(f"experiment.size_bins.labels must be distinct and not {ALL!r}, got {labels}")
     return edges, labels
+
+
+@dataclass(frozen=True)
+class SizeBins:
+    """experiment.size_bins: left-closed bin edges on area_frac and one more label than edges."""
+
+    edges: tuple[float, ...] = MISSING
+    labels: tuple[str, ...] = MISSING
+
+    def __post_init__(self) -> None:
+        check_bins(self.edges, self.labels)
+
+
+@register("view_ablation")
+@dataclass(frozen=True)
+class Settings:
+    """experiment.* of configs/experiment/view_ablation.yaml, typed and checked."""
+
+    name: str = MISSING
+    views: tuple[str, ...] = MISSING
+    tasks: tuple[str, ...] = MISSING
+    size_bins: SizeBins = MISSING
+
+    def __post_init__(self) -> None:
+        subset_of("experiment.views", self.views, VIEWS, distinct=True)
+        subset_of("experiment.tasks", self.tasks, TASKS)
+
+
+def settings(cfg: Any) -> Settings:
+    """experiment.* of `cfg` as Settings; a bad value is a ConfigError naming its key."""
+    return load(Settings, cfg)
+
+
+def check_config(cfg: Any) -> None:
+    """Fail fast, before data or model work: valid settings, a model with global and local views."""
+    st = settings(cfg)
+    family = str(cfg.model.family)
+    if family != "internvl":
+        raise ValueError(
+            f"view_ablation needs a model with global and local views (InternVL); "
+            f"model={cfg.model.name} is {family}"
+        )
+    edges = st.size_bins.edges
+    floor = cfg.data.get("filters", {}).get("min_area_frac")
+    if edges and floor is not None and float(floor) >= float(edges[0]):
+        log.warning("data.filters.min_area_frac=%s drops every object below the first size bin edge %s: the %r bin "
+                    "will be empty (on COCO use data=coco_sizes, or lower data.filters.min_area_frac)",
+                    floor, edges[0], st.size_bins.labels[0])
 
 
 # --------------------------------------------------------------------------- conditions
@@ -91,21 +131,12 @@ def view_conditions(views: Sequence[str] = VIEWS) -> list[Condition]:
 # --------------------------------------------------------------------------- run
 
 
-def _settings(cfg: Any) -> tuple[list[str], list[str], list[float], list[str]]:
-    exp = cfg.experiment
-    views = [str(v) for v in exp.views]
-    bad = [v for v in views if v not in VIEWS]
-    if not views or bad or len(set(views)) != len(views):
-        raise ValueError(f"experiment.views must be distinct values of {list(VIEWS)}, got {views}")
-    tasks = [str(t) for t in exp.tasks]
-    edges, labels = check_bins(exp.size_bins.edges, exp.size_bins.labels)
-    return views, tasks, edges, labels
-
-
 def run(ctx: RunContext) -> None:
     cfg = ctx.cfg
-    check_config(cfg)
-    views, tasks, edges, labels = _settings(cfg)
+    check_config(cfg)  # run() may be called without the app, which checks first
+    st = settings(cfg)
+    views, tasks = list(st.views), list(st.tasks)
+    edges, labels = list(st.size_bins.edges), list(st.size_bins.labels)
     conditions = view_conditions(views)
     size = {s.sample_id: (s.width, s.height) for s in ctx.samples}
     tiles: dict[tuple[int, int], int] = {}
