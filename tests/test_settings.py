@@ -11,7 +11,7 @@ from hydra.core.config_store import ConfigStore
 from conftest import compose_cfg
 from vlmloc.errors import ConfigError
 from vlmloc.experiments import extension, knockout, shuffle, token_ablation, view_ablation
-from vlmloc.settings import SCHEMA_GROUP
+from vlmloc.settings import SCHEMA_GROUP, check_experiment
 
 
 @pytest.mark.parametrize("override, message", [
@@ -50,7 +50,7 @@ def test_check_config_refuses_a_bad_setting_of_pairs_cma_and_head_ablation(name,
     """check_config (the app's first step) validates the settings before any file or model is read."""
     module = importlib.import_module(f"vlmloc.experiments.{name}")
     with pytest.raises(ConfigError) as err:
-        module.check_config(compose_cfg(f"experiment={name}", *overrides))
+        check_experiment(module, compose_cfg(f"experiment={name}", *overrides))
     assert message in str(err.value)
     node = ConfigStore.instance().repo["schema"]["experiment"][f"{name}.yaml"].node
     assert node._metadata.object_type is module.Settings
@@ -79,10 +79,10 @@ def test_check_config_of_table_experiments_refuses_a_typo_and_a_failed_check(mod
     failed check stop check_config, the app's first step, before any data or model is read."""
     name = module.__name__.rsplit(".", 1)[-1]
     base = (f"experiment={name}", "model=tiny_internvl")  # view_ablation's check_config needs InternVL
-    module.check_config(compose_cfg(*base))
+    check_experiment(module, compose_cfg(*base))
     for override, message in ((typo, typo_message), (bad, bad_message)):
         with pytest.raises(ConfigError) as err:
-            module.check_config(compose_cfg(*base, override))
+            check_experiment(module, compose_cfg(*base, override))
         assert message in str(err.value)
     assert ConfigStore.instance().load(f"{SCHEMA_GROUP}/{name}.yaml").node._metadata.object_type is module.Settings
 
@@ -105,6 +105,6 @@ def test_check_config_of_position_probe_and_suite_refuses_a_typo_and_a_failed_ch
     assert module.settings(compose_cfg(f"experiment={name}")).name == name
     for override, message in ((typo, typo_message), (bad, bad_message)):
         with pytest.raises(ConfigError) as err:
-            module.check_config(compose_cfg(f"experiment={name}", override))
+            check_experiment(module, compose_cfg(f"experiment={name}", override))
         assert message in str(err.value)
     assert ConfigStore.instance().load(f"{SCHEMA_GROUP}/{name}.yaml").node._metadata.object_type is module.Settings

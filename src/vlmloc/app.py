@@ -17,6 +17,7 @@ from vlmloc.data import Sample
 from vlmloc.errors import ConfigError, VlmlocError
 from vlmloc.models import VLMAdapter
 from vlmloc.runner import RunContext, seed_everything
+from vlmloc.settings import check_experiment
 from vlmloc.rundir import check_run_config, remove_leftovers, writer_lock
 
 log = logging.getLogger("vlmloc")
@@ -53,13 +54,12 @@ def run(cfg: DictConfig, run_dir: Path, adapter: VLMAdapter | None = None,
             raise
         raise ConfigError(f"unknown experiment {name!r}: no module vlmloc.experiments.{name}") from None
     check_root_config(cfg)
-    if hasattr(module, "check_config"):  # experiment-specific checks that need neither data nor model
-        try:
-            module.check_config(cfg)
-        except VlmlocError:
-            raise
-        except ValueError as err:  # experiments state bad settings as ValueError: a user error
-            raise ConfigError(str(err)) from err
+    try:  # its settings and checks, needing neither data nor model
+        check_experiment(module, cfg)
+    except VlmlocError:
+        raise
+    except ValueError as err:  # experiments state bad settings as ValueError: a user error
+        raise ConfigError(str(err)) from err
     ctx = RunContext(cfg=cfg, run_dir=Path(run_dir), baseline_from=baseline_from)
     if adapter is not None:
         ctx.__dict__["adapter"] = adapter  # seeds the cached_property

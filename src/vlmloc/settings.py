@@ -74,6 +74,18 @@ def load(cls: type[T], cfg: DictConfig) -> T:
         raise ConfigError(str(err)) from None
 
 
+def check_experiment(module: Any, cfg: DictConfig) -> None:
+    """Before any data or model work: an experiment module's settings (its `settings(cfg)`, else its
+    `Settings` schema), then its own further checks (`check_config(cfg)`, e.g. the model family)."""
+    if hasattr(module, "settings"):
+        module.settings(cfg)
+    elif hasattr(module, "Settings"):
+        load(module.Settings, cfg)
+    further = getattr(module, "check_config", None)
+    if further is not None:
+        further(cfg)
+
+
 def one_of(key: str, value: Any, allowed: Sequence[str]) -> str:
     """`value` as a string, if it is one of `allowed`; `key` names the setting in the error."""
     if str(value) not in allowed:

@@ -81,11 +81,6 @@ def settings(cfg: DictConfig) -> Settings:
     return load(Settings, cfg)
 
 
-def check_config(cfg: DictConfig) -> None:
-    """Fail fast, before data or model work: valid settings."""
-    settings(cfg)
-
-
 def _image_split(ctx: RunContext) -> ImageSplit:
     # Listing ImageNet takes a while: list once per run (check_inputs and run share it).
     split = ctx.__dict__.get("_position_probe_split")

@@ -17,7 +17,7 @@ from typing import Any
 from omegaconf import MISSING, DictConfig, OmegaConf
 
 from vlmloc.runner import RunContext
-from vlmloc.settings import load, register
+from vlmloc.settings import check_experiment, load, register
 
 log = logging.getLogger("vlmloc.experiments.suite")
 
@@ -111,9 +111,7 @@ def check_config(cfg: DictConfig) -> None:
     """Valid settings; every run's config composes and passes its experiment's own checks."""
     for name in settings(cfg).runs:
         sub = run_config(cfg, name)
-        module = importlib.import_module(f"vlmloc.experiments.{sub.experiment.name}")
-        if hasattr(module, "check_config"):
-            module.check_config(sub)
+        check_experiment(importlib.import_module(f"vlmloc.experiments.{sub.experiment.name}"), sub)
 
 
 def _without_experiment(cfg: DictConfig) -> dict:

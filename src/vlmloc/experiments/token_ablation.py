@@ -81,11 +81,6 @@ def settings(cfg: Any) -> Settings:
     return load(Settings, cfg)
 
 
-def check_config(cfg: Any) -> None:
-    """Fail fast, before data or model work: valid settings."""
-    settings(cfg)
-
-
 # --------------------------------------------------------------------------- conditions
 
 
