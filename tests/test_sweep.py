@@ -20,7 +20,7 @@ def test_a_sweep_reports_each_job_and_a_failed_job_sets_the_exit_status(tmp_path
     out = _sweep(tmp_path, "data.n=2,0")
     assert out.returncode == 2, out.stderr[-2000:]
     report = out.stdout[out.stdout.index("\nsweep "):]
-    jobs = {json.loads(p.read_text())["num"]: json.loads(p.read_text()) for p in (tmp_path / "out").rglob("job.json")}
+    jobs = {json.loads(p.read_text())["num"]: json.loads(p.read_text()) for p in (tmp_path / "out").rglob("job-*.json")}
     assert sorted(jobs) == [0, 1] and jobs[0]["status"] == "done" and jobs[1]["status"] == "user error"
     good, bad = jobs[0], jobs[1]
     assert f"#0 experiment=baseline model=tiny_llava data.n=2 paths.output_dir={tmp_path}/out" in report
@@ -39,7 +39,7 @@ def test_the_submitit_launcher_names_each_jobs_output_folder_and_leaves_no_liter
     pytest.importorskip("hydra_plugins.hydra_submitit_launcher")
     out = _sweep(tmp_path, "hydra/launcher=local", "data.n=1")
     assert out.returncode == 0, out.stderr[-2000:]
-    (job,) = [json.loads(p.read_text()) for p in (tmp_path / "out").rglob("job.json")]
+    (job,) = [json.loads(p.read_text()) for p in (tmp_path / "out").rglob("job-*.json")]
     submitit = next((tmp_path / "out").rglob(".submitit"))
     assert [p.name for p in submitit.iterdir()] == [job["launcher_output"].rsplit("/", 1)[-1]]
     assert f"stdout and stderr: {job['launcher_output']}/" in out.stdout

@@ -7,6 +7,7 @@ Each experiment is a module `vlmloc.experiments.<name>` with `run(ctx: RunContex
 from __future__ import annotations
 
 import importlib
+import inspect
 import logging
 from pathlib import Path
 from typing import Any
@@ -16,6 +17,7 @@ from omegaconf import DictConfig
 from vlmloc.data import Sample
 from vlmloc.errors import ConfigError, VlmlocError
 from vlmloc.models import VLMAdapter
+from vlmloc import shards
 from vlmloc.runner import RunContext, seed_everything
 from vlmloc.settings import check_experiment
 from vlmloc.rundir import check_run_config, remove_leftovers, writer_lock
@@ -60,17 +62,28 @@ def run(cfg: DictConfig, run_dir: Path, adapter: VLMAdapter | None = None,
         raise
     except ValueError as err:  # experiments state bad settings as ValueError: a user error
         raise ConfigError(str(err)) from err
-    ctx = RunContext(cfg=cfg, run_dir=Path(run_dir), baseline_from=baseline_from)
+    shard = shards.from_config(cfg)
+    # experiments whose rows go through the runner write their tables in report(ctx, rows), after the run
+    reports = inspect.isfunction(getattr(module, "report", None))
+    if shard.sharded and not reports:
+        raise ConfigError(f"experiment={name} cannot be sharded (shard.count={shard.count}): only experiments whose "
+                          f"rows go through the runner can; run it with shard.count=1")
+    ctx = RunContext(cfg=cfg, run_dir=Path(run_dir), baseline_from=baseline_from, shard=shard)
     if adapter is not None:
         ctx.__dict__["adapter"] = adapter  # seeds the cached_property
     if data is not None:
         ctx.__dict__["_data"] = data
     ctx.run_dir.mkdir(parents=True, exist_ok=True)
-    with writer_lock(ctx.run_dir):
-        remove_leftovers(ctx.run_dir)
+    with writer_lock(ctx.run_dir, shard.lock_file):
+        remove_leftovers(ctx.run_dir, (shard.results_file, shard.run_json_file) if shard.sharded else None)
         # a changed config is refused, except by experiments that key their own rows by it
         check_run_config(ctx.run_dir, cfg, refuse_changes=not getattr(module, "RECOMPUTES_CHANGED_CONFIG", False))
         # experiments with their own data (image folders) check their inputs themselves
         check = getattr(module, "check_inputs", None)
         check(ctx) if check is not None else ctx.check_inputs()
-        module.run(ctx)
+        if not shard.merge_only:
+            module.run(ctx)
+        if reports:
+            results = ctx.rows_to_report()
+            if results is not None:
+                module.report(ctx, results)

@@ -134,8 +134,8 @@ def provenance(
     return _jsonable(prov)
 
 
-def write_run_json(run_dir: str | os.PathLike, info: Mapping[str, Any]) -> Path:
-    """Atomically write `info` to run_dir/run.json.
+def write_run_json(run_dir: str | os.PathLike, info: Mapping[str, Any], filename: str = RUN_JSON_FILE) -> Path:
+    """Atomically write `info` to run_dir/run.json (`filename`: a shard's own file).
 
     If `info` has `started_unix` (as `provenance` gives), `wall_time_s` and `end_time` are set
     to now, so writing the same dict again at the end of a run records its full duration. A run
@@ -149,7 +149,7 @@ def write_run_json(run_dir: str | os.PathLike, info: Mapping[str, Any]) -> Path:
         info["wall_time_s"] = now - started
         info["end_time"] = _iso(now)
         try:
-            before = json.loads((Path(run_dir) / RUN_JSON_FILE).read_text()).get("sessions", [])
+            before = json.loads((Path(run_dir) / filename).read_text()).get("sessions", [])
         except (OSError, ValueError, AttributeError):
             before = []
         sessions = [s for s in before if isinstance(s, dict) and s.get("started_unix") != started]
@@ -158,4 +158,4 @@ def write_run_json(run_dir: str | os.PathLike, info: Mapping[str, Any]) -> Path:
         info["sessions"] = sessions
         info["wall_time_total_s"] = sum(float(s.get("wall_time_s", 0.0)) for s in sessions)
     text = json.dumps(info, indent=2, sort_keys=False, default=str) + "\n"
-    return atomic_write(Path(run_dir) / RUN_JSON_FILE, lambda f: f.write(text.encode("utf-8")))
+    return atomic_write(Path(run_dir) / filename, lambda f: f.write(text.encode("utf-8")))

@@ -8,7 +8,9 @@
 | `head_means` | task -> `HeadMeans` of clean runs of the first samples | `experiment.mean_samples`, `experiment.answer_mean`, `experiment.tasks` |
 
 Integrated gradients attribute the clean run's answers: its provider reads the run's stored
-baseline rows, so an experiment using it evaluates the baseline first.
+baseline rows, so an experiment using it evaluates the baseline first. Per-sample resources cover
+this process's samples (`RunContext.work_samples`: its shard's); the mean embedding and head means
+come from the first samples of the whole run, the same for every shard.
 """
 
 from __future__ import annotations
@@ -88,7 +90,7 @@ def _head_means(ctx: Any) -> dict[str, HeadMeans]:
 def _ig(ctx: Any) -> dict[tuple[str, str], np.ndarray]:
     rows = ctx.store.load()
     clean = rows[rows["condition"] == BASELINE.name]
-    return ig_scores(ctx.adapter, ctx.samples, list(ctx.cfg.tasks), clean, ctx.cfg.experiment.integrated_gradients,
+    return ig_scores(ctx.adapter, ctx.work_samples, list(ctx.cfg.tasks), clean, ctx.cfg.experiment.integrated_gradients,
                      ctx.resources["mean_embedding"])
 
 
@@ -97,7 +99,7 @@ def run_resources(ctx: Any) -> Resources:
     providers: dict[str, Callable[[], Any]] = {
         "adapter": lambda: ctx.adapter,
         "mean_embedding": lambda: mean_visual_embedding(ctx),
-        "register_scores": lambda: register_scores(ctx.adapter, ctx.samples, int(ctx.cfg.batch_size)),
+        "register_scores": lambda: register_scores(ctx.adapter, ctx.work_samples, int(ctx.cfg.batch_size)),
         "integrated_gradients": lambda: _ig(ctx),
         "head_means": lambda: _head_means(ctx),
     }

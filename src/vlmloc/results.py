@@ -328,10 +328,11 @@ class KeyedTable:
 
 
 class ResultStore(KeyedTable):
-    """The results parquet of one run directory (the results schema), keyed by `RESULT_KEY`."""
+    """The results parquet of one run directory (the results schema), keyed by `RESULT_KEY`;
+    `filename`: a shard's own file (`vlmloc.shards`)."""
 
-    def __init__(self, run_dir: str | os.PathLike) -> None:
-        super().__init__(Path(run_dir) / RESULTS_FILE, RESULT_KEY)
+    def __init__(self, run_dir: str | os.PathLike, filename: str = RESULTS_FILE) -> None:
+        super().__init__(Path(run_dir) / filename, RESULT_KEY)
 
     def __repr__(self) -> str:
         return f"ResultStore({str(self.run_dir)!r})"

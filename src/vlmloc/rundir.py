@@ -32,7 +32,8 @@ log = logging.getLogger("vlmloc")
 CONFIG_FILE = "config.json"
 LOCK_FILE = "run.lock"
 # Top-level keys, or dotted paths, that never change a run's numbers.
-NOT_IN_FINGERPRINT = ("hydra", "paths", "run_name", "batch_size", "results", "experiment.num_workers")
+NOT_IN_FINGERPRINT = ("hydra", "paths", "run_name", "batch_size", "results", "shard.index", "shard.merge_only",
+                      "experiment.num_workers")
 
 
 class RunDirectoryError(VlmlocError, RuntimeError):
@@ -91,15 +92,30 @@ def check_run_config(run_dir: Path, cfg: DictConfig, *, refuse_changes: bool = T
     elif _has_results(run_dir):
         log.warning("%s has results but no %s (written by an older vlmloc): its configuration is not checked",
                     run_dir, CONFIG_FILE)
+    else:
+        # the first of several shards starting at once records it; the others compare against it
+        text = json.dumps(current, indent=2, sort_keys=True) + "\n"
+        tmp = run_dir / f".{CONFIG_FILE}.{os.getpid()}.tmp"
+        tmp.write_text(text)
+        try:
+            os.link(tmp, path)  # atomic and exclusive: a sibling never reads half a file
+            return
+        except FileExistsError:
+            return check_run_config(run_dir, cfg, refuse_changes=refuse_changes)
+        finally:
+            tmp.unlink(missing_ok=True)
     text = json.dumps(current, indent=2, sort_keys=True) + "\n"
     atomic_write(path, lambda f: f.write(text.encode("utf-8")))
 
 
-def remove_leftovers(run_dir: Path) -> list[str]:
+def remove_leftovers(run_dir: Path, names: tuple[str, ...] | None = None) -> list[str]:
     """Delete temp files of atomic writes a killed run left behind (`.<name>.<random>.tmp`): the
-    file they were replacing is intact, so they hold nothing that is not recomputed."""
+    file they were replacing is intact, so they hold nothing that is not recomputed.
+
+    names: only those of these files (a shard's own; its siblings may be writing theirs)."""
     gone = []
-    for tmp in sorted(run_dir.glob(".*.tmp")):
+    patterns = [f".{n}.*.tmp" for n in names] if names is not None else [".*.tmp"]
+    for tmp in sorted({t for pattern in patterns for t in run_dir.glob(pattern)}):
         tmp.unlink(missing_ok=True)
         gone.append(tmp.name)
     if gone:
@@ -118,9 +134,9 @@ def _alive(pid: int) -> bool:
 
 
 @contextlib.contextmanager
-def writer_lock(run_dir: Path) -> Iterator[None]:
-    """Hold `run_dir/run.lock` for the block; refuse if a live process holds it."""
-    path = run_dir / LOCK_FILE
+def writer_lock(run_dir: Path, name: str = LOCK_FILE) -> Iterator[None]:
+    """Hold `run_dir/<name>` (run.lock; a shard's own lock) for the block; refuse if a live process holds it."""
+    path = run_dir / name
     me = {"pid": os.getpid(), "host": socket.gethostname(), "since": time.strftime("%Y-%m-%d %H:%M:%S")}
     while True:
         try:
@@ -145,3 +161,36 @@ def writer_lock(run_dir: Path) -> Iterator[None]:
         yield
     finally:
         path.unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def exclusive(path: Path, *, poll_s: float = 0.2, timeout_s: float = 3600.0) -> Iterator[None]:
+    """Hold `path` as a lock file for the block, waiting while another live holder has it: work that
+    several shards may reach at once (the merge, a shared prerequisite) is done by one of them."""
+    me = json.dumps({"pid": os.getpid(), "host": socket.gethostname()})
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            break
+        except FileExistsError:
+            if _stale(path) or time.monotonic() > deadline:
+                path.unlink(missing_ok=True)
+                continue
+            time.sleep(poll_s)
+    with os.fdopen(fd, "w") as f:
+        f.write(me)
+    try:
+        yield
+    finally:
+        path.unlink(missing_ok=True)
+
+
+def _stale(path: Path) -> bool:
+    """A lock left by a process of this host that is gone."""
+    try:
+        holder = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return False  # being written right now
+    pid = holder.get("pid")
+    return holder.get("host") == socket.gethostname() and isinstance(pid, int) and not _alive(pid)

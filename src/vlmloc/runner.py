@@ -31,6 +31,7 @@ from vlmloc.models import VLMAdapter, load_adapter
 from vlmloc.models.loading import check_weights
 from vlmloc.provenance import provenance, write_run_json
 from vlmloc.results import ResultStore
+from vlmloc.shards import Shard, merge, mark_done, missing
 
 log = logging.getLogger("vlmloc")
 
@@ -51,10 +52,35 @@ class RunContext:
     # A finished run whose baseline rows equal this run's (experiment=suite: the same model, data,
     # tasks and prompts): `evaluate` copies them instead of recomputing.
     baseline_from: Path | None = None
+    shard: Shard = field(default_factory=Shard)
+
+    @property
+    def work_samples(self) -> list[Sample]:
+        """The samples whose rows this process computes: its shard's (every sample unsharded)."""
+        return self.shard.samples(self.samples)
+
+    def rows_to_report(self) -> pd.DataFrame | None:
+        """The rows the tables are written from: this run's; sharded, every shard's merged once the
+        last one has finished (None before: the last shard writes the tables)."""
+        if not self.shard.sharded:
+            return self.store.load()
+        if not self.shard.merge_only:
+            mark_done(self.run_dir, self.shard)
+        waiting = missing(self.run_dir, self.shard.count)
+        if waiting:
+            if self.shard.merge_only:
+                raise ConfigError(f"{self.run_dir}: shard(s) {waiting} of {self.shard.count} have not finished; "
+                                  f"rerun them (shard.index=...) before merging")
+            log.info("shard %d of %d done; waiting for shard(s) %s to merge", self.shard.index, self.shard.count, waiting)
+            return None
+        merged = merge(self.run_dir, self.shard.count)
+        log.info("merged %d shards: %d rows in %s", self.shard.count, len(merged), self.run_dir / "results.parquet")
+        return merged
 
     @cached_property
     def store(self) -> ResultStore:
-        return ResultStore(self.run_dir)
+        """This process's rows: results.parquet, or its shard's own file."""
+        return ResultStore(self.run_dir, self.shard.results_file)
 
     @cached_property
     def _data(self) -> tuple[list[Sample], list[dict[str, Any]]]:
@@ -88,10 +114,10 @@ class RunContext:
         columns: Callable[[pd.DataFrame], pd.DataFrame] | None = None,
         provenance: Callable[[], dict[str, Any]] | None = None,
     ) -> pd.DataFrame:
-        """Every row of conditions x samples (default: the run's) x tasks that the store lacks,
+        """Every row of conditions x samples (default: this shard's) x tasks that the store lacks,
         evaluated and stored; run.json rewritten when a row was new (with `provenance()` merged in).
         Returns every stored row. A finished run loads nothing and computes nothing."""
-        samples = self.samples if samples is None else samples
+        samples = self.work_samples if samples is None else samples
         done = self.store.done_keys()
         todo = pending(conditions, samples, tasks, done)
         if not todo:
@@ -177,4 +203,6 @@ class RunContext:
         )
         info["data"] = {"n_samples": len(self.samples), "filters": self.filter_report}
         info.update(extra)
-        write_run_json(self.run_dir, info)
+        if self.shard.sharded:
+            info["shard"] = {"index": self.shard.index, "count": self.shard.count, "n_samples": len(self.work_samples)}
+        write_run_json(self.run_dir, info, self.shard.run_json_file)

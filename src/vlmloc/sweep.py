@@ -1,6 +1,6 @@
 """A multirun's console report: where each job wrote, what it printed, and how it ended.
 
-In a multirun (`python -m vlmloc -m ...`, any launcher) each job records `job.json` in its run
+In a multirun (`python -m vlmloc -m ...`, any launcher) each job records `job-<n>.json` in its run
 directory: its overrides, status (`done`, `user error`, `bug`), the error, and where its logs are.
 A job's error is recorded rather than raised, so that one failing job neither hides the others'
 results nor stops the report. When the sweep ends, `SweepSummary` (a Hydra callback, registered in
@@ -18,11 +18,11 @@ from typing import Any
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
-JOB_FILE = "job.json"
+JOB_FILE = "job-{num}.json"  # per job: the shards of one run share its directory
 
 
 def record_job(run_dir: Path, hydra_cfg: Any, status: str, error: str | None = None) -> None:
-    """Write `<run_dir>/job.json` for the sweep report (hydra_cfg: the job's `HydraConfig.get()`)."""
+    """Write `<run_dir>/job-<n>.json` for the sweep report (hydra_cfg: the job's `HydraConfig.get()`)."""
     launcher_dir = None
     folder = hydra_cfg.launcher.get("submitit_folder") if "launcher" in hydra_cfg else None
     job_id = hydra_cfg.job.get("id")
@@ -38,7 +38,7 @@ def record_job(run_dir: Path, hydra_cfg: Any, status: str, error: str | None = N
         "launcher_output": launcher_dir,
     }
     run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / JOB_FILE).write_text(json.dumps(record, indent=2))
+    (run_dir / JOB_FILE.format(num=record["num"])).write_text(json.dumps(record, indent=2))
 
 
 def _tables(run_dir: Path) -> str:
@@ -48,7 +48,7 @@ def _tables(run_dir: Path) -> str:
 
 def sweep_report(sweep_dir: Path) -> tuple[str, int]:
     """The report text for a finished sweep and the exit status it calls for (0, 1 or 2)."""
-    records = sorted((json.loads(p.read_text()) for p in sweep_dir.rglob(JOB_FILE)), key=lambda r: r["num"])
+    records = sorted((json.loads(p.read_text()) for p in sweep_dir.rglob(JOB_FILE.format(num="*"))), key=lambda r: r["num"])
     lines = [f"\nsweep {sweep_dir}: {len(records)} job(s)"]
     for r in records:
         lines.append(f"\n#{r['num']} {' '.join(r['overrides'])}: {r['status']}")

@@ -19,6 +19,7 @@ from omegaconf import OmegaConf
 
 from vlmloc.engine.visual_features import prepared_batches, projector_io
 from vlmloc.results import atomic_write
+from vlmloc.rundir import exclusive
 
 log = logging.getLogger("vlmloc.engine")
 
@@ -54,6 +55,15 @@ def mean_visual_embedding(ctx: Any) -> torch.Tensor:
     tensor_path, meta_path = cache / f"{name}.pt", cache / f"{name}.json"
     if tensor_path.exists():
         return torch.load(tensor_path, map_location="cpu")
+    cache.mkdir(parents=True, exist_ok=True)
+    # shards starting together: one computes, the others wait and load its file
+    with exclusive(cache / f"{name}.lock"):
+        if tensor_path.exists():
+            return torch.load(tensor_path, map_location="cpu")
+        return _compute(ctx, ident, tensor_path, meta_path)
+
+
+def _compute(ctx: Any, ident: dict[str, Any], tensor_path: Path, meta_path: Path) -> torch.Tensor:
     adapter, t0 = ctx.adapter, time.monotonic()
     total, count, image_ids = None, 0, []
     n_images = int(ctx.cfg.mean_embedding.n_images)
@@ -69,7 +79,6 @@ def mean_visual_embedding(ctx: Any) -> torch.Tensor:
     if total is None:
         raise ValueError("no images to compute the mean visual embedding from")
     mean = (total / count).float()
-    cache.mkdir(parents=True, exist_ok=True)
     atomic_write(tensor_path, lambda f: torch.save(mean, f))
     meta = {**ident, "n_images_used": len(image_ids), "n_tokens": count, "image_ids": image_ids}
     atomic_write(meta_path, lambda f: f.write(json.dumps(meta, indent=2, default=str).encode()))

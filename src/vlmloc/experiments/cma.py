@@ -27,7 +27,7 @@ from vlmloc.data.pairs import inpainted_sample, read_manifest
 from vlmloc.data.sample import Sample
 from vlmloc.engine.mediation import Target, head_mediation, mediation_fraction
 from vlmloc.engine.readout import generate
-from vlmloc.reports import cma as report
+from vlmloc.reports import cma as cma_report
 from vlmloc.results import KeyedTable
 from vlmloc.settings import at_least, load, one_of, register
 
@@ -166,4 +166,4 @@ def run(ctx: RunContext) -> None:
         ctx.write_provenance(cma={"pairs": len(ctx.samples), "dropped": len(left_out.load())})
     else:
         log.info("all pairs already analysed in %s: nothing to do", ctx.run_dir)
-    report.write(mf.load(), left_out.load(), ctx.run_dir, ctx.cfg)
+    cma_report.write(mf.load(), left_out.load(), ctx.run_dir, ctx.cfg)

@@ -141,7 +141,7 @@ def grid_columns(layout: VisualLayout, cell: str = "global") -> dict[str, Any]:
 def run(ctx: RunContext) -> None:
     cfg = ctx.cfg
     st = settings(cfg)
-    pads, levels, tasks, cell = list(st.pads), list(st.scale_levels), list(st.tasks), st.cell
+    pads, tasks, cell = list(st.pads), list(st.tasks), st.cell
     geo: dict[str, dict[str, Any]] = {}
 
     def grid_columns_of(df: pd.DataFrame) -> pd.DataFrame:
@@ -152,6 +152,10 @@ def run(ctx: RunContext) -> None:
             df[col] = df["sample_id"].map(lambda sid, col=col: geo[sid][col])
         return df
 
-    results = ctx.run_conditions(extension_conditions(int(cfg.seed), pads), tasks, columns=grid_columns_of)
-    extension_report.write(results, ctx.run_dir, cfg, names={p: condition_name(p) for p in pads}, levels=levels,
-                           samples=ctx.samples, n_examples=st.n_examples)
+    ctx.run_conditions(extension_conditions(int(cfg.seed), pads), tasks, columns=grid_columns_of)
+
+
+def report(ctx: RunContext, results: pd.DataFrame) -> None:
+    st = settings(ctx.cfg)
+    extension_report.write(results, ctx.run_dir, ctx.cfg, names={int(p): condition_name(int(p)) for p in st.pads},
+                           levels=list(st.scale_levels), samples=ctx.samples, n_examples=st.n_examples)

@@ -48,7 +48,7 @@ from vlmloc.experiments.cma import POSITIONS
 from vlmloc.head_ranking import (MF_FILE, MF_STATISTICS, N_TOP_LISTED, Head, check_heads_fit, check_same_model,
                                  k_values, load_mf, random_heads, rankings, top_heads)
 from vlmloc.models.loading import lm_shape
-from vlmloc.reports import head_ablation as report
+from vlmloc.reports import head_ablation as head_report
 from vlmloc.results import TASKS
 from vlmloc.runner import RunContext
 from vlmloc.settings import at_least, load, one_of, register, subset_of
@@ -183,5 +183,11 @@ def run(ctx: RunContext) -> None:
             "top_heads": {t: [list(h) for h in top_heads(r, N_TOP_LISTED)] for t, r in plan.ranks.items()},
         }}
 
-    results = ctx.run_conditions(conds, list(st.tasks), provenance=provenance)
-    report.write(results, ctx.run_dir, cfg, names=[c.name for c in conds], ranks=plan.ranks)
+    ctx.run_conditions(conds, list(st.tasks), provenance=provenance)
+
+
+def report(ctx: RunContext, results: pd.DataFrame) -> None:
+    st = settings(ctx.cfg)
+    plan = Plan(cma_rankings(st), st)
+    names = [c.name for c in conditions(plan, lm_shape(ctx.cfg.model)[1], seed=int(ctx.cfg.seed))]
+    head_report.write(results, ctx.run_dir, ctx.cfg, names=names, ranks=plan.ranks)

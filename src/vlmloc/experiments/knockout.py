@@ -28,6 +28,8 @@ from typing import Any
 
 from omegaconf import MISSING
 
+import pandas as pd
+
 from vlmloc.conditions import (
     BASELINE,
     BlockAttention,
@@ -36,7 +38,7 @@ from vlmloc.conditions import (
     RandomTokens,
 )
 from vlmloc.models.loading import lm_shape
-from vlmloc.reports import knockout as report
+from vlmloc.reports import knockout as knockout_report
 from vlmloc.results import TASKS
 from vlmloc.runner import RunContext
 from vlmloc.selection import RANDOM_FROM
@@ -151,6 +153,10 @@ def run(ctx: RunContext) -> None:
     st = settings(cfg)
     n_layers, _ = lm_shape(cfg.model)
     conds = conditions(n_layers, st, seed=int(cfg.seed))
-    results = ctx.run_conditions(conds, list(st.tasks))
-    report.write(results, ctx.run_dir, cfg, names=[c.name for c in conds])
+    ctx.run_conditions(conds, list(st.tasks))
+
+
+def report(ctx: RunContext, results: pd.DataFrame) -> None:
+    names = [c.name for c in conditions(lm_shape(ctx.cfg.model)[0], settings(ctx.cfg), seed=int(ctx.cfg.seed))]
+    knockout_report.write(results, ctx.run_dir, ctx.cfg, names=names)
 

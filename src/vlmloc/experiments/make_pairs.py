@@ -42,7 +42,7 @@ from vlmloc.conditions import Condition
 from vlmloc.evaluation import evaluate
 from vlmloc.inpaint import build_inpainter
 from vlmloc.provenance import write_run_json
-from vlmloc.reports import make_pairs as report
+from vlmloc.reports import make_pairs as make_pairs_report
 from vlmloc.results import RUN_JSON_FILE, is_missing
 from vlmloc.settings import at_least, load, register
 
@@ -109,7 +109,7 @@ def run(ctx: RunContext) -> None:
         _record_provenance(ctx, did_work, extra)
     else:
         log.info("all %d objects already inpainted and answered in %s: nothing to do", len(samples), pairs_dir)
-    report.write(manifest, counts, pairs_dir, cfg, inpaint_backend=inpainter.backend, dilate_px=inpainter.dilate_px,
+    make_pairs_report.write(manifest, counts, pairs_dir, cfg, inpaint_backend=inpainter.backend, dilate_px=inpainter.dilate_px,
                  rewrite_summary=changed, redraw_figure=bool(did_work or n_changed))
 
 

@@ -44,7 +44,7 @@ from vlmloc.data.images import ImageSplit, load_image_split
 from vlmloc.probe_training import ProbeSettings, memory_bound, probe_positions, probe_prompt, select_stages
 from vlmloc.probes import probe_targets
 from vlmloc.provenance import provenance, write_run_json
-from vlmloc.reports import position_probe as report
+from vlmloc.reports import position_probe as position_probe_report
 from vlmloc.results import atomic_write
 from vlmloc.runner import RunContext
 from vlmloc.settings import at_least, load, register
@@ -173,4 +173,4 @@ def run(ctx: RunContext) -> None:
         _write_parquet(per_pos, ctx.run_dir / PER_POSITION_FILE)
         _write_provenance(ctx, split, {**result.info, "fingerprint": fp, "heatmap_stages": heat,
                                        "stages": [st.name for st in stages], "memory_bound": bound})
-    report.write(acc, ctx.run_dir, cfg, per_position=per_pos, heatmap_stages=heat)
+    position_probe_report.write(acc, ctx.run_dir, cfg, per_position=per_pos, heatmap_stages=heat)

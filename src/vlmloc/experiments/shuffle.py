@@ -15,6 +15,8 @@ from typing import Any
 
 from omegaconf import MISSING
 
+import pandas as pd
+
 from vlmloc.conditions import BASELINE, AllTokens, Condition, ObjectTokens, Permute
 from vlmloc.reports.tables import paper_table, write_summary
 from vlmloc.runner import RunContext
@@ -68,5 +70,9 @@ def conditions(st: Settings, seed: int) -> list[Condition]:
 
 def run(ctx: RunContext) -> None:
     conds = conditions(settings(ctx.cfg), int(ctx.cfg.seed))
-    results = ctx.run_conditions(conds, list(ctx.cfg.tasks))
-    write_summary(ctx.run_dir, ctx.cfg, paper_table(results, [c.name for c in conds]), "table2_shuffle.md")
+    ctx.run_conditions(conds, list(ctx.cfg.tasks))
+
+
+def report(ctx: RunContext, results: pd.DataFrame) -> None:
+    names = [c.name for c in conditions(settings(ctx.cfg), int(ctx.cfg.seed))]
+    write_summary(ctx.run_dir, ctx.cfg, paper_table(results, names), "table2_shuffle.md")

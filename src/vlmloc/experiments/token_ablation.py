@@ -21,6 +21,8 @@ from typing import Any
 
 from omegaconf import MISSING
 
+import pandas as pd
+
 from vlmloc.conditions import BASELINE, AboveMedian, Condition, ObjectTokens, RandomTokens, Replace, TopScored
 from vlmloc.reports.tables import paper_table, write_summary
 from vlmloc.runner import RunContext
@@ -125,5 +127,9 @@ def run(ctx: RunContext) -> None:
     tasks = list(ctx.cfg.tasks)
     conds = conditions(settings(ctx.cfg), int(ctx.cfg.seed))
     ctx.run_conditions([BASELINE], tasks)
-    results = ctx.run_conditions(conds, tasks)
-    write_summary(ctx.run_dir, ctx.cfg, paper_table(results, [c.name for c in conds]), "table1_token_ablation.md")
+    ctx.run_conditions(conds, tasks)
+
+
+def report(ctx: RunContext, results: pd.DataFrame) -> None:
+    names = [c.name for c in conditions(settings(ctx.cfg), int(ctx.cfg.seed))]
+    write_summary(ctx.run_dir, ctx.cfg, paper_table(results, names), "table1_token_ablation.md")

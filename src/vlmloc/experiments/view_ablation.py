@@ -156,5 +156,10 @@ def run(ctx: RunContext) -> None:
         mean = ctx.resources["mean_embedding"]
         return {"mean_embedding": {"norm": float(mean.float().norm()), "hidden": int(mean.shape[0])}}
 
-    results = ctx.run_conditions(conditions, tasks, columns=view_columns, provenance=provenance)
-    view_report.write(results, ctx.run_dir, cfg, names=[c.name for c in conditions], edges=edges, labels=labels)
+    ctx.run_conditions(conditions, tasks, columns=view_columns, provenance=provenance)
+
+
+def report(ctx: RunContext, results: pd.DataFrame) -> None:
+    st = settings(ctx.cfg)
+    view_report.write(results, ctx.run_dir, ctx.cfg, names=[c.name for c in view_conditions(list(st.views))],
+                      edges=list(st.size_bins.edges), labels=list(st.size_bins.labels))
