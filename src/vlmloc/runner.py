@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import torch
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from vlmloc.conditions import BASELINE, Condition, Resources, pending
 from vlmloc.data import Sample, load_samples
@@ -96,7 +96,13 @@ class RunContext:
 
     @cached_property
     def adapter(self) -> VLMAdapter:
-        return load_adapter(self.cfg.model)
+        """The model; sharded on a host with several GPUs (model.device=auto), shard i takes GPU i mod n."""
+        model_cfg = self.cfg.model
+        n_gpus = torch.cuda.device_count()
+        if self.shard.sharded and str(model_cfg.device) == "auto" and model_cfg.get("device_map") is None and n_gpus > 1:
+            model_cfg = OmegaConf.merge(model_cfg, {"device": f"cuda:{self.shard.index % n_gpus}"})
+            log.info("shard %d of %d on %s", self.shard.index, self.shard.count, model_cfg.device)
+        return load_adapter(model_cfg)
 
     @cached_property
     def resources(self) -> Resources:
