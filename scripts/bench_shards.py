@@ -60,6 +60,9 @@ def main() -> None:
     ap.add_argument("--checkpoint", type=Path, default=Path("/tmp/vlmloc-random-checkpoint"))
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--model", default="llava7b")
+    ap.add_argument("--also-one", default=None,
+                    help="one more single-process run with this override (e.g. batch_size=16), compared to the first: "
+                         "how much the numbers move with the batches alone")
     ap.add_argument("overrides", nargs="*", help="further overrides, e.g. experiment=knockout data.n=8")
     a = ap.parse_args()
     build_s = build_checkpoint(a.config_dir, a.checkpoint)
@@ -69,12 +72,19 @@ def main() -> None:
     one = cli([*common, f"hydra.run.dir={a.out}/one"], env)
     shards = [cli([*common, "shard.count=2", f"shard.index={i}", f"hydra.run.dir={a.out}/two"], env) for i in range(2)]
     key = ["sample_id", "task", "condition"]
-    x = pd.read_parquet(a.out / "one" / "results.parquet").sort_values(key).reset_index(drop=True)
-    y = pd.read_parquet(a.out / "two" / "results.parquet").sort_values(key).reset_index(drop=True)
+    rows = lambda d: pd.read_parquet(d / "results.parquet").sort_values(key).reset_index(drop=True)  # noqa: E731
+    x, y = rows(a.out / "one"), rows(a.out / "two")
 
-    def max_diff(col: str) -> float:
-        d = np.abs(x[col].astype(float).to_numpy() - y[col].astype(float).to_numpy())
+    def max_diff(col: str, u: pd.DataFrame = x, v: pd.DataFrame = y) -> float:
+        d = np.abs(u[col].astype(float).to_numpy() - v[col].astype(float).to_numpy())
         return float(np.nanmax(d)) if np.isfinite(d).any() else 0.0
+
+    also = {}
+    if a.also_one:
+        also["also_one_s"] = round(cli([*common, a.also_one, f"hydra.run.dir={a.out}/also"], env), 1)
+        z = rows(a.out / "also")
+        also.update({f"{a.also_one}: max_abs_diff_p_yes": max_diff("p_yes", x, z),
+                     f"{a.also_one}: same_answers": x["answer"].tolist() == z["answer"].tolist()})
 
     tables = lambda d: {p.name: p.read_text().replace(str(d), "<run>") for p in d.glob("*.md")}  # noqa: E731
     print(json.dumps({
@@ -83,6 +93,7 @@ def main() -> None:
         "max_abs_diff_iou": max_diff("iou"), "same_answers": x["answer"].tolist() == y["answer"].tolist(),
         "same_tables": tables(a.out / "one") == tables(a.out / "two"),
         "shard_rows": [len(pd.read_parquet(a.out / "two" / f"results.shard-{i}-of-2.parquet")) for i in range(2)],
+        **also,
     }))
 
 
