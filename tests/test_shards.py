@@ -156,3 +156,41 @@ def test_the_local_launcher_runs_the_shards_as_processes_into_one_directory(tmp_
     # other processes (thread counts) and other batch neighbours (padding): float noise, the golden tolerance
     np.testing.assert_allclose(got["p_yes"].astype(float), want["p_yes"].astype(float), atol=1e-4, rtol=1e-3, equal_nan=True)
     assert (run_dir / "summary.md").exists() and out.stdout.count(f"run dir: {run_dir}") == 2
+
+
+def test_a_shard_killed_with_sigkill_is_rerun_alone_and_the_merge_equals_one_process(tmp_path):
+    import os
+    import signal
+    import time
+
+    args = ("experiment=knockout", *BASE, "model.localization.max_new_tokens=16", "batch_size=1", "results.flush_seconds=0",
+            "experiment.include_single_layers=false", "shard.count=2")
+    run_dir = tmp_path / "run"
+    cmd = lambda i: [sys.executable, "-m", "vlmloc", *args, f"shard.index={i}", f"hydra.run.dir={run_dir}",  # noqa: E731
+                     f"paths.data_dir={tmp_path / 'data'}", f"paths.cache_dir={tmp_path / 'cache'}"]
+    own = run_dir / "results.shard-0-of-2.parquet"
+    proc = subprocess.Popen(cmd(0), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=tmp_path,
+                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    deadline = time.time() + 240
+    while proc.poll() is None and time.time() < deadline:
+        try:
+            if len(pd.read_parquet(own)) >= 3:
+                break
+        except Exception:  # not written yet
+            pass
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    stored = len(pd.read_parquet(own))
+    for i in (1, 0):  # the sibling, then the killed shard alone: it resumes and, last, merges
+        done = subprocess.run(cmd(i), capture_output=True, text=True, cwd=tmp_path, timeout=600)
+        assert done.returncode == 0, done.stderr[-3000:]
+    merged = _sorted(pd.read_parquet(run_dir / "results.parquet"))
+    alone = compose_cfg(*[a for a in args if not a.startswith("shard.")], f"paths.cache_dir={tmp_path / 'cache'}",
+                        data_dir=tmp_path / "data")
+    app.run(alone, tmp_path / "alone")
+    want = _sorted(pd.read_parquet(tmp_path / "alone" / "results.parquet"))
+    assert 3 <= stored < len(pd.read_parquet(own)) and merged[list(RESULT_KEY)].equals(want[list(RESULT_KEY)])
+    np.testing.assert_allclose(merged["p_yes"].astype(float), want["p_yes"].astype(float), atol=1e-4, rtol=1e-3,
+                               equal_nan=True)
+    assert merged["answer"].tolist() == want["answer"].tolist()
