@@ -54,9 +54,10 @@ class RunContext:
     baseline_from: Path | None = None
     shard: Shard = field(default_factory=Shard)
 
-    @property
+    @cached_property
     def work_samples(self) -> list[Sample]:
-        """The samples whose rows this process computes: its shard's (every sample unsharded)."""
+        """The samples whose rows this process computes: its shard's (every sample unsharded);
+        kept, since every run_conditions call and per-sample resource reads it."""
         return self.shard.samples(self.samples)
 
     def rows_to_report(self) -> pd.DataFrame | None:
