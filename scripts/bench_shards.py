@@ -3,11 +3,15 @@
 Builds (once) a checkpoint folder with random weights from a folder holding a real checkpoint's
 config and tokenizer/processor files, then runs one experiment three times through
 `python -m vlmloc`: one process into <out>/one, and two shards one after another into <out>/two
-(shard.count=2, shard.index=0 then 1). Prints the wall time of each run, whether the merged rows
-equal the single process's (same keys; the largest difference of P(yes) and IoU; the same answers)
-and whether the tables are the same, as one JSON line.
+(shard.count=2, shard.index=0 then 1). Prints the wall time of each run, whether each compared
+table of the merge equals the single process's (same keys; the largest difference of each float
+column; whether the other columns agree) and whether the markdown tables are the same, as one
+JSON line.
 
-    PYTHONPATH=src python scripts/bench_shards.py --config-dir /path/llava-1.5-7b-hf --out /tmp/shards
+    PYTHONPATH=src python scripts/bench_shards.py --config-dir /path/llava-1.5-7b-hf --out /tmp/shards \
+        experiment=knockout data=synthetic data.n=8
+    PYTHONPATH=src python scripts/bench_shards.py --config-dir ... --out /tmp/cma --pairs 4 --tables mf.parquet \
+        experiment=cma experiment.positions=text data=synthetic
 
 Weights are random: timings depend on shapes, not values; random weights never emit EOS, so every
 box answer runs its full length (the worst case).
@@ -54,12 +58,49 @@ def cli(args: list[str], env: dict[str, str]) -> float:
     return time.perf_counter() - t0
 
 
+KEYS = ("sample_id", "task", "condition", "layer", "head", "positions", "stage", "view", "target")
+
+
+def compare(one: Path, two: Path, name: str) -> dict[str, object]:
+    """One parquet table of both runs: rows, same keys, the largest difference of each float column,
+    and whether the other columns agree."""
+    u, v = pd.read_parquet(one / name), pd.read_parquet(two / name)
+    keys = [c for c in KEYS if c in u.columns]
+    u, v = (df.sort_values(keys).reset_index(drop=True) for df in (u, v))
+    out: dict[str, object] = {"rows": len(u), "rows_merged": len(v), "same_keys": bool(u[keys].equals(v[keys]))}
+    if len(u) != len(v):
+        return out
+    for c in u.columns:
+        if c in keys:
+            continue
+        if pd.api.types.is_float_dtype(u[c]):
+            d = np.abs(u[c].to_numpy(float) - v[c].to_numpy(float))
+            out[f"max_abs_diff_{c}"] = float(np.nanmax(d)) if np.isfinite(d).any() else 0.0
+        else:
+            out[f"same_{c}"] = u[c].astype(str).tolist() == v[c].astype(str).tolist()
+    return out
+
+
+def all_pairs(pairs_dir: Path) -> int:
+    """Keep every pair of a make_pairs run (timing only: a random model's verdicts keep few)."""
+    from vlmloc.data.pairs import read_manifest, write_manifest
+
+    manifest = read_manifest(pairs_dir)
+    manifest["kept"] = True
+    write_manifest(pairs_dir, manifest)
+    return len(manifest)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--config-dir", type=Path, required=True)
     ap.add_argument("--checkpoint", type=Path, default=Path("/tmp/vlmloc-random-checkpoint"))
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--model", default="llava7b")
+    ap.add_argument("--tables", default="results.parquet", help="comma-separated parquet tables to compare")
+    ap.add_argument("--pairs", type=int, default=0,
+                    help="CMA: first make this many pairs of the data with experiment=make_pairs, every pair kept "
+                         "whatever the random model answers, and run on data=pairs")
     ap.add_argument("--also-one", default=None,
                     help="one more single-process run with this override (e.g. batch_size=16), compared to the first: "
                          "how much the numbers move with the batches alone")
@@ -68,32 +109,27 @@ def main() -> None:
     build_s = build_checkpoint(a.config_dir, a.checkpoint)
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     common = [f"model={a.model}", f"model.path={a.checkpoint}", f"paths.output_dir={a.out}", f"paths.cache_dir={a.out}/cache",
-              f"paths.data_dir={a.out}/data", *a.overrides]
+              f"paths.data_dir={a.out}/data"]
+    extra: dict[str, object] = {}
+    overrides = list(a.overrides)
+    if a.pairs:
+        data = [o for o in overrides if o.startswith("data")]
+        extra["make_pairs_s"] = round(cli([*common, "experiment=make_pairs", "inpaint=oracle", *data, f"data.n={a.pairs}",
+                                           "experiment.figure_examples=0", f"hydra.run.dir={a.out}/pairs"], env), 1)
+        extra["pairs"] = all_pairs(a.out / "pairs")
+        overrides = [o for o in overrides if not o.startswith("data")] + ["data=pairs", f"data.pairs_dir={a.out}/pairs"]
+    common += overrides
     one = cli([*common, f"hydra.run.dir={a.out}/one"], env)
     shards = [cli([*common, "shard.count=2", f"shard.index={i}", f"hydra.run.dir={a.out}/two"], env) for i in range(2)]
-    key = ["sample_id", "task", "condition"]
-    rows = lambda d: pd.read_parquet(d / "results.parquet").sort_values(key).reset_index(drop=True)  # noqa: E731
-    x, y = rows(a.out / "one"), rows(a.out / "two")
-
-    def max_diff(col: str, u: pd.DataFrame = x, v: pd.DataFrame = y) -> float:
-        d = np.abs(u[col].astype(float).to_numpy() - v[col].astype(float).to_numpy())
-        return float(np.nanmax(d)) if np.isfinite(d).any() else 0.0
-
-    also = {}
+    names = a.tables.split(",")
     if a.also_one:
-        also["also_one_s"] = round(cli([*common, a.also_one, f"hydra.run.dir={a.out}/also"], env), 1)
-        z = rows(a.out / "also")
-        also.update({f"{a.also_one}: max_abs_diff_p_yes": max_diff("p_yes", x, z),
-                     f"{a.also_one}: same_answers": x["answer"].tolist() == z["answer"].tolist()})
-
+        extra["also_one_s"] = round(cli([*common, a.also_one, f"hydra.run.dir={a.out}/also"], env), 1)
+        extra[a.also_one] = {n: compare(a.out / "one", a.out / "also", n) for n in names}
     tables = lambda d: {p.name: p.read_text().replace(str(d), "<run>") for p in d.glob("*.md")}  # noqa: E731
     print(json.dumps({
         "build_checkpoint_s": round(build_s, 1), "one_process_s": round(one, 1), "shard_s": [round(s, 1) for s in shards],
-        "rows": len(x), "same_keys": bool(x[key].equals(y[key])), "max_abs_diff_p_yes": max_diff("p_yes"),
-        "max_abs_diff_iou": max_diff("iou"), "same_answers": x["answer"].tolist() == y["answer"].tolist(),
-        "same_tables": tables(a.out / "one") == tables(a.out / "two"),
-        "shard_rows": [len(pd.read_parquet(a.out / "two" / f"results.shard-{i}-of-2.parquet")) for i in range(2)],
-        **also,
+        **{n: compare(a.out / "one", a.out / "two", n) for n in names},
+        "same_tables": tables(a.out / "one") == tables(a.out / "two"), **extra,
     }))
 
 

@@ -217,3 +217,33 @@ def test_product_probability_of_a_long_answer_is_finite_and_its_mf_exact(tiny_ll
     p_src, p_base, p_patched = p[0], p[1], p[2:]
     mf = mediation_fraction(p_src, p_base, p_patched, 0.0)
     np.testing.assert_allclose(mf, [(hand[1] - hand[2]) / (hand[1] - hand[0])], rtol=1e-4)
+
+
+def test_cma_sharded_by_pair_merges_to_the_single_process_result(tmp_path, tiny_llava):
+    from vlmloc.shards import shard_of
+
+    pairs_dir, samples = _make_pairs_dir(tmp_path, tmp_path / "data", n=5)
+    base = ("experiment=cma", "model=tiny_llava", "data=pairs", f"data.pairs_dir={pairs_dir}",
+            "model.localization.max_new_tokens=4", "experiment.min_denominator=0.0",
+            "experiment.localization_source_min_iou=0.5")  # a random model's boxes miss: pairs are left out
+    key = ["sample_id", "task", "layer", "head"]
+
+    def run(count: int, name: str) -> tuple[pd.DataFrame, pd.DataFrame, str]:
+        for index in range(count):  # one after another, in this process
+            app.run(compose_cfg(*base, f"shard.count={count}", f"shard.index={index}", data_dir=tmp_path / "data"),
+                    tmp_path / name, adapter=tiny_llava)
+        d = tmp_path / name
+        mf = pd.read_parquet(d / "mf.parquet").sort_values(key).reset_index(drop=True)
+        left = pd.read_parquet(d / "excluded_pairs.parquet").sort_values(["sample_id", "task"]).reset_index(drop=True)
+        return mf, left, (d / "cma_summary.md").read_text()
+
+    one_mf, one_left, one_summary = run(1, "one")
+    assert one_mf["sample_id"].nunique() == len(samples) and len(one_left) > 0
+    mf, left, summary = run(2, "two")
+    pd.testing.assert_frame_equal(mf, one_mf, check_dtype=False, atol=1e-6)
+    pd.testing.assert_frame_equal(left, one_left, check_dtype=False)
+    assert summary == one_summary
+    # each shard analysed only its own pairs
+    for i in range(2):
+        own = pd.read_parquet(tmp_path / "two" / f"mf.shard-{i}-of-2.parquet")
+        assert set(own["sample_id"]) == {s.sample_id for s in samples if shard_of(s.sample_id, 2) == i}

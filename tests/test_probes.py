@@ -10,8 +10,7 @@ import pytest
 import torch
 
 from conftest import compose_cfg, noise_image
-from vlmloc import app
-from vlmloc.runner import RunContext
+from vlmloc import app, runner
 from vlmloc.data.coco import DataError
 from vlmloc.data.images import list_images, load_image_split, split_images
 from vlmloc.engine.capture import model_stages
@@ -202,7 +201,7 @@ def test_positional_code_is_decoded_and_shuffled_positions_are_not(tiny_llava, t
 # --------------------------------------------------------------------------- the experiment
 
 
-def test_experiment_tiny_internvl_image_folder_then_resume(tiny_internvl, tmp_path):
+def test_experiment_tiny_internvl_image_folder_then_resume(tiny_internvl, tmp_path, monkeypatch):
     folder = tmp_path / "imgs"
     # 448x448 -> one tile (global view only); 896x448 -> 2 local crops + the global thumbnail
     _image_folder(folder, [(448, 448), (896, 448), (896, 448), (896, 448), (896, 448)])
@@ -212,11 +211,7 @@ def test_experiment_tiny_internvl_image_folder_then_resume(tiny_internvl, tmp_pa
         "experiment.stages=[vision.last,projector,llm.last]", data_dir=tmp_path / "data",
     )
     run_dir = tmp_path / "run"
-    run_dir.mkdir()
-    ctx = RunContext(cfg=cfg, run_dir=run_dir)
-    ctx.__dict__["adapter"] = tiny_internvl  # the session's tiny model (same config)
-    pp.check_inputs(ctx)
-    pp.run(ctx)
+    app.run(cfg, run_dir, adapter=tiny_internvl)  # the session's tiny model (same config)
     acc = pd.read_parquet(run_dir / pp.ACCURACY_FILE)
     assert set(ACCURACY_COLUMNS) <= set(acc.columns)
     assert list(acc.drop_duplicates("stage").stage) == ["vision.1", "projector", "llm.1"]
@@ -239,10 +234,15 @@ def test_experiment_tiny_internvl_image_folder_then_resume(tiny_internvl, tmp_pa
     assert info["position_probe"]["heatmap_stages"] == ["vision.1", "projector", "llm.1"]
     # a rerun with the same config trains nothing and leaves the results untouched
     mtime = (run_dir / pp.ACCURACY_FILE).stat().st_mtime_ns
-    ctx2 = RunContext(cfg=cfg, run_dir=run_dir)
-    ctx2.__dict__["adapter"] = None  # would fail if the model were used
-    pp.run(ctx2)
+    monkeypatch.setattr(runner, "load_adapter", lambda cfg: pytest.fail("a finished run must not load the model"))
+    app.run(cfg, run_dir)
     assert (run_dir / pp.ACCURACY_FILE).stat().st_mtime_ns == mtime
+    # killed after training, before the test pass: the rerun scores the saved probes, training nothing
+    monkeypatch.undo()
+    (run_dir / pp.ACCURACY_FILE).unlink()
+    monkeypatch.setattr(pp, "train_probes", lambda *a, **k: pytest.fail("saved probes must not be retrained"))
+    app.run(cfg, run_dir, adapter=tiny_internvl)
+    pd.testing.assert_frame_equal(pd.read_parquet(run_dir / pp.ACCURACY_FILE), acc)
 
 
 def test_cli_path_tiny_llava_synthetic(tmp_path, capsys):
@@ -263,3 +263,44 @@ def test_cli_path_tiny_llava_synthetic(tmp_path, capsys):
     assert (acc.trainer == "sklearn").all()
     out = capsys.readouterr().out
     assert "| vision.0" in out and "row_col" in out
+
+
+def test_sharded_probes_train_on_disjoint_images_and_merge_to_the_mean_of_their_logits(tiny_llava, tmp_path):
+    from vlmloc.errors import ConfigError
+    from vlmloc.probe_training import stage_batches
+    from vlmloc.shards import shard_of
+
+    folder = tmp_path / "imgs"
+    _image_folder(folder, [(64 + 8 * i, 48 + 4 * i) for i in range(14)])
+    args = ("experiment=position_probe", "model=tiny_llava", "data=images", f"data.root={folder}", "data.n_train=10",
+            "data.n_test=4", "batch_size=4", "experiment.probe.epochs=2", "experiment.stages=[projector,llm.last]")
+    run_dir = tmp_path / "run"
+    for i in range(2):  # trainer=auto: sklearn for this small problem unsharded, torch when sharded
+        app.run(compose_cfg(*args, "shard.count=2", f"shard.index={i}", data_dir=tmp_path / "data"), run_dir,
+                adapter=tiny_llava)
+    cfg = compose_cfg(*args, data_dir=tmp_path / "data")
+    split = load_image_split(cfg.data)
+    parts = [torch.load(run_dir / f"probes.shard-{i}-of-2.pt", weights_only=True) for i in range(2)]
+    info = json.loads((run_dir / "run.json").read_text())
+    owned = [[p for p in split.train if shard_of(p.relative_to(folder).as_posix(), 2) == i] for i in range(2)]
+    assert [s["n_train_images"] for s in info["position_probe"]["shards"]] == [len(o) for o in owned]
+    assert sum(len(o) for o in owned) == len(split.train) and all(owned)
+    assert info["position_probe"]["trainer"] == "torch" and info["position_probe"]["n_test_images"] == len(split.test)
+    acc = pd.read_parquet(run_dir / pp.ACCURACY_FILE).set_index(["stage", "view", "target"])
+    prompt = probe_prompt(tiny_llava, str(cfg.experiment.question))
+    stages = resolve_stages(["projector", "llm.last"], model_stages(tiny_llava))
+    for stage in stages:
+        key = f"{stage.name}|position"
+        n = [p["n_train_tokens"][stage.name] for p in parts]
+        correct = total = 0
+        for b in stage_batches(tiny_llava, split.test, [stage], batch_size=4, prompt=prompt):
+            x, pos, _ = b[stage.name]
+            logits = sum(ni * (((x.float() - p["probes"][key]["mean"]) / p["probes"][key]["std"]) @ p["probes"][key]["weight"]
+                               + p["probes"][key]["bias"]) for ni, p in zip(n, parts)) / sum(n)
+            correct += int((logits.argmax(-1) == pos).sum())
+            total += len(pos)
+        assert correct > 0 and acc.loc[(stage.name, "all", "position"), "accuracy"] == pytest.approx(correct / total)
+        assert acc.loc[(stage.name, "all", "position"), "n_train_tokens"] == sum(n)
+    with pytest.raises(ConfigError, match="sklearn cannot be sharded"):
+        app.run(compose_cfg(*args, "shard.count=2", "experiment.probe.trainer=sklearn", data_dir=tmp_path / "data"),
+                tmp_path / "other")

@@ -194,3 +194,38 @@ def test_a_shard_killed_with_sigkill_is_rerun_alone_and_the_merge_equals_one_pro
     np.testing.assert_allclose(merged["p_yes"].astype(float), want["p_yes"].astype(float), atol=1e-4, rtol=1e-3,
                                equal_nan=True)
     assert merged["answer"].tolist() == want["answer"].tolist()
+
+
+def test_shards_starting_together_compute_the_head_means_once(tmp_path, tiny_llava, monkeypatch):
+    from vlmloc import resources
+    from vlmloc.engine.head_means import head_means
+
+    cfg = compose_cfg("experiment=head_ablation", *BASE, "experiment.mean_samples=3", data_dir=tmp_path / "data")
+    calls = []
+
+    def slow_head_means(*args, **kwargs):
+        calls.append(args[2])
+        threading.Event().wait(0.5)  # the sibling arrives while this one computes
+        return head_means(*args, **kwargs)
+
+    monkeypatch.setattr(resources, "head_means", slow_head_means)
+    out: list[dict] = []
+    ctxs = [runner.RunContext(cfg=cfg, run_dir=tmp_path / "run", shard=Shard(2, i)) for i in range(2)]
+    for ctx in ctxs:
+        ctx.__dict__["adapter"] = tiny_llava
+    threads = [threading.Thread(target=lambda c=c: out.append(c.resources["head_means"])) for c in ctxs]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    tasks = list(cfg.experiment.tasks)
+    assert sorted(calls) == sorted(tasks) and len(out) == 2  # each task's means computed by one shard only
+    assert len(list((tmp_path / "run").glob("head_means-*.pt"))) == len(tasks)
+    samples = ctxs[0].samples[:3]
+    for task in tasks:  # both equal the means computed directly
+        direct = head_means(tiny_llava, samples, task, 3, batch_size=int(cfg.batch_size),
+                            answer_mean=str(cfg.experiment.answer_mean))
+        for got in out:
+            for name in ("prefix", "image", "text", "tail", "image_overall"):
+                torch.testing.assert_close(getattr(got[task], name), getattr(direct, name))
+            assert got[task].grid == direct.grid

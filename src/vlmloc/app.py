@@ -1,7 +1,9 @@
 """The Hydra application: check the config, lock the run directory, run one experiment.
 
 Each experiment is a module `vlmloc.experiments.<name>` with `run(ctx: RunContext) -> None`
-(`vlmloc.runner.RunContext`).
+(`vlmloc.runner.RunContext`: its shard's work), and, to be shardable, `report(ctx, rows)` (the
+tables, once every shard's rows are merged) and optionally `finish(ctx)` (work that needs every
+shard's output, run once before `report`).
 """
 
 from __future__ import annotations
@@ -63,11 +65,11 @@ def run(cfg: DictConfig, run_dir: Path, adapter: VLMAdapter | None = None,
     except ValueError as err:  # experiments state bad settings as ValueError: a user error
         raise ConfigError(str(err)) from err
     shard = shards.from_config(cfg)
-    # experiments whose rows go through the runner write their tables in report(ctx, rows), after the run
+    # shardable experiments write their tables in report(ctx, rows), after the run (and the merge)
     reports = inspect.isfunction(getattr(module, "report", None))
     if shard.sharded and not reports:
-        raise ConfigError(f"experiment={name} cannot be sharded (shard.count={shard.count}): only experiments whose "
-                          f"rows go through the runner can; run it with shard.count=1")
+        raise ConfigError(f"experiment={name} cannot be sharded (shard.count={shard.count}): only experiments that "
+                          f"split their work by sample and report after the merge can; run it with shard.count=1")
     ctx = RunContext(cfg=cfg, run_dir=Path(run_dir), baseline_from=baseline_from, shard=shard)
     if adapter is not None:
         ctx.__dict__["adapter"] = adapter  # seeds the cached_property
@@ -75,9 +77,12 @@ def run(cfg: DictConfig, run_dir: Path, adapter: VLMAdapter | None = None,
         ctx.__dict__["_data"] = data
     ctx.run_dir.mkdir(parents=True, exist_ok=True)
     with writer_lock(ctx.run_dir, shard.lock_file):
-        remove_leftovers(ctx.run_dir, (shard.results_file, shard.run_json_file) if shard.sharded else None)
-        # a changed config is refused, except by experiments that key their own rows by it
-        check_run_config(ctx.run_dir, cfg, refuse_changes=not getattr(module, "RECOMPUTES_CHANGED_CONFIG", False))
+        # a shard removes only its own files' leftovers: its siblings may be writing theirs
+        remove_leftovers(ctx.run_dir, (f"*{shard.tag}*",) if shard.sharded else None)
+        # a changed config is refused, except by experiments that key their own rows by it; a shard
+        # always refuses one, since its siblings' rows were made with the recorded config
+        recomputes = getattr(module, "RECOMPUTES_CHANGED_CONFIG", False) and not shard.sharded
+        check_run_config(ctx.run_dir, cfg, refuse_changes=not recomputes)
         # experiments with their own data (image folders) check their inputs themselves
         check = getattr(module, "check_inputs", None)
         check(ctx) if check is not None else ctx.check_inputs()
@@ -86,4 +91,8 @@ def run(cfg: DictConfig, run_dir: Path, adapter: VLMAdapter | None = None,
         if reports:
             results = ctx.rows_to_report()
             if results is not None:
+                # work that needs every shard's output (the probes' merge and test pass), done once
+                finish = getattr(module, "finish", None)
+                if finish is not None:
+                    finish(ctx)
                 module.report(ctx, results)

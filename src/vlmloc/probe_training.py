@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -45,10 +45,12 @@ from vlmloc.models.layout import GLOBAL, LOCAL
 from vlmloc.probes import (
     TARGETS,
     TRAINERS,
+    LinearProbe,
     PositionScores,
     ProbeSpec,
     SklearnProbes,
     TorchProbes,
+    average_probes,
     choose_trainer,
     epoch_lr,
     n_classes,
@@ -305,7 +307,7 @@ def plan_training(adapter: VLMAdapter, n_train: int, specs: Sequence[ProbeSpec],
 
 @dataclass
 class ProbeRun:
-    """What `probe_positions` returns."""
+    """What `probe_positions` / `score_probes` return."""
 
     accuracy: pd.DataFrame  # ACCURACY_COLUMNS + trainer, grid, n_classes
     per_position: pd.DataFrame  # stage, stage_index, kind, target, view, row, col, n, correct, accuracy
@@ -313,37 +315,47 @@ class ProbeRun:
     info: dict[str, Any] = field(default_factory=dict)
 
 
-def probe_positions(
-    adapter: VLMAdapter,
-    train: Sequence[Path],
-    test: Sequence[Path],
-    stages: Sequence[Stage],
-    probe: Mapping[str, Any],
-    *,
-    batch_size: int,
-    prompt: str,
-    seed: int = 0,
-    num_workers: int = 0,
-) -> ProbeRun:
-    """Train every stage's probes on `train` images and score them on `test` images.
+@dataclass
+class TrainedProbes:
+    """Every (stage, target)'s trained probe and how it trained: what `train_probes` returns, a
+    shard saves (`to_dict`, for `torch.save`) and `merge_probes` combines."""
 
-    `probe` is the `experiment.probe` config (a mapping): target, trainer, epochs, epoch_mode,
-    token_rate, views, lr, lr_ref_dim, lr_schedule, weight_decay, minibatch_tokens, standardize,
-    bf16_matmul, max_cache_gb, sklearn.*.
-    """
-    targets = probe_targets(str(probe["target"]))
-    specs = [ProbeSpec(s.name, _stage_dim(adapter, s), s.grid, targets) for s in stages]
-    views = list(probe["views"]) if probe.get("views") else None
-    rate, epochs = float(probe.get("token_rate", 1.0)), int(probe["epochs"])
-    plan = plan_training(adapter, len(train), specs, probe)
-    log.info("position probes: %d stages, targets %s, trainer %s (%s), %d train / %d test images, "
-             "token cache bound %.2f GB", len(stages), ",".join(targets), plan.trainer, plan.epoch_mode,
-             len(train), len(test), plan.cache_gb)
-    gen = torch.Generator().manual_seed(int(seed))
-    timing = {"forward_s": 0.0, "probe_s": 0.0, "n_forward_images": 0}
+    probes: dict[tuple[str, str], LinearProbe]
+    n_train_tokens: dict[str, int]
+    trainer: str
+    info: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"probes": {f"{stage}|{t}": p.to_dict() for (stage, t), p in self.probes.items()},
+                "n_train_tokens": dict(self.n_train_tokens), "trainer": self.trainer, "info": self.info}
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any], device: str | torch.device = "cpu") -> TrainedProbes:
+        probes = {tuple(k.split("|", 1)): LinearProbe.from_dict(v, device) for k, v in d["probes"].items()}
+        return cls(probes, dict(d["n_train_tokens"]), str(d["trainer"]), dict(d["info"]))  # type: ignore[misc]
+
+
+def merge_probes(parts: Sequence[TrainedProbes]) -> TrainedProbes:
+    """Probes of shards trained on disjoint training images, as one: each stage's probe is the
+    average of the shards' (`vlmloc.probes.average_probes`), weighted by the tokens each shard
+    trained that stage on; one part is returned unchanged."""
+    if len(parts) == 1:
+        return parts[0]
+    first = parts[0]
+    probes = {key: average_probes([p.probes[key] for p in parts], [p.n_train_tokens[key[0]] for p in parts])
+              for key in first.probes}
+    n_train = {stage: sum(p.n_train_tokens[stage] for p in parts) for stage in first.n_train_tokens}
+    info = {**first.info, "timing": {k: sum(float(p.info["timing"][k]) for p in parts) for k in first.info["timing"]},
+            "merged_from": len(parts)}
+    return TrainedProbes(probes, n_train, first.trainer, info)
+
+
+def _captured(adapter: VLMAdapter, stages: Sequence[Stage], timing: dict[str, float], *, batch_size: int, prompt: str,
+              num_workers: int, views: Sequence[str] | None) -> Callable[[Sequence[Path]], Iterator[dict[str, StageBatch]]]:
+    """paths -> their captured batches (`stage_batches`), the forward passes timed into `timing`
+    (image loading included)."""
 
     def batches(paths: Sequence[Path]) -> Iterator[dict[str, StageBatch]]:
-        """Captured batches of `paths`, timing the forward passes (image loading included)."""
         it = stage_batches(adapter, paths, stages, batch_size=batch_size, prompt=prompt,
                            num_workers=num_workers, views=views)
         while True:
@@ -354,6 +366,42 @@ def probe_positions(
                 timing["n_forward_images"] += len(paths)
                 return
             yield b
+
+    return batches
+
+
+def train_probes(
+    adapter: VLMAdapter,
+    train: Sequence[Path],
+    stages: Sequence[Stage],
+    probe: Mapping[str, Any],
+    *,
+    batch_size: int,
+    prompt: str,
+    seed: int = 0,
+    num_workers: int = 0,
+    sharded: bool = False,
+) -> TrainedProbes:
+    """Train every stage's probes on `train` images (`probe`: the experiment.probe mapping, as in
+    `probe_positions`). sharded: part of a data-parallel run, so `trainer=auto` means torch (the
+    merge averages probes over every class; sklearn's cover only the classes a shard saw)."""
+    targets = probe_targets(str(probe["target"]))
+    specs = [ProbeSpec(s.name, _stage_dim(adapter, s), s.grid, targets) for s in stages]
+    views = list(probe["views"]) if probe.get("views") else None
+    rate, epochs = float(probe.get("token_rate", 1.0)), int(probe["epochs"])
+    if sharded:
+        if str(probe["trainer"]) == "sklearn":
+            raise ValueError("a sharded position-probe run trains with the torch trainer (experiment.probe.trainer="
+                             "torch or auto): the merge averages probes over every class, and sklearn's cover only "
+                             "the classes one shard saw; run sklearn probes with shard.count=1")
+        probe = {**probe, "trainer": "torch"}
+    plan = plan_training(adapter, len(train), specs, probe)
+    log.info("position probes: %d stages, targets %s, trainer %s (%s), %d train images, token cache bound %.2f GB",
+             len(stages), ",".join(targets), plan.trainer, plan.epoch_mode, len(train), plan.cache_gb)
+    gen = torch.Generator().manual_seed(int(seed))
+    timing = {"forward_s": 0.0, "probe_s": 0.0, "n_forward_images": 0}
+    batches = _captured(adapter, stages, timing, batch_size=batch_size, prompt=prompt, num_workers=num_workers,
+                        views=views)
 
     n_train_tokens: dict[str, int] = {s.name: 0 for s in stages}
     model: TorchProbes | SklearnProbes
@@ -400,21 +448,69 @@ def probe_positions(
         model.fit(data)
         timing["probe_s"] += time.perf_counter() - t0
         del data
+    info = {"trainer": plan.trainer, "epoch_mode": plan.epoch_mode, "epochs": epochs if plan.trainer == "torch" else None,
+            "token_rate": rate, "targets": list(targets), "views": views, "cache_bound_gb": plan.cache_gb,
+            "n_train_images": len(train), "timing": timing}
+    return TrainedProbes(model.export(), n_train_tokens, plan.trainer, info)
 
+
+def score_probes(
+    adapter: VLMAdapter,
+    test: Sequence[Path],
+    stages: Sequence[Stage],
+    trained: TrainedProbes,
+    probe: Mapping[str, Any],
+    *,
+    batch_size: int,
+    prompt: str,
+    num_workers: int = 0,
+) -> ProbeRun:
+    """Score `trained` probes on `test` images: accuracy per stage x target x view and per grid cell."""
+    targets = probe_targets(str(probe["target"]))
+    specs = [ProbeSpec(s.name, _stage_dim(adapter, s), s.grid, targets) for s in stages]
+    views = list(probe["views"]) if probe.get("views") else None
+    timing = {k: float(v) for k, v in trained.info.get("timing", {}).items()}
+    timing.setdefault("forward_s", 0.0), timing.setdefault("probe_s", 0.0), timing.setdefault("n_forward_images", 0)
+    batches = _captured(adapter, stages, timing, batch_size=batch_size, prompt=prompt, num_workers=num_workers,
+                        views=views)
+    bf16 = bool(probe.get("bf16_matmul", False)) and trained.trainer == "torch"
+    on_device = {k: LinearProbe.from_dict(p.to_dict(), adapter.device) for k, p in trained.probes.items()}
     scores = PositionScores(specs)
     for b in batches(list(test)):
         t0 = time.perf_counter()
         for name, (x, pos, view) in b.items():
-            scores.add_predictions(name, view, pos.numpy(), model.predict(name, x))
+            preds = {t: on_device[name, t].predict(x, bf16_matmul=bf16) for t in targets}
+            scores.add_predictions(name, view, pos.numpy(), preds)
         timing["probe_s"] += time.perf_counter() - t0
     return ProbeRun(
-        accuracy=_accuracy_frame(scores, stages, n_train_tokens, plan.trainer),
+        accuracy=_accuracy_frame(scores, stages, trained.n_train_tokens, trained.trainer),
         per_position=_per_position_frame(scores, stages),
-        trainer=plan.trainer,
-        info={"trainer": plan.trainer, "epoch_mode": plan.epoch_mode,
-              "epochs": epochs if plan.trainer == "torch" else None, "token_rate": rate, "targets": list(targets),
-              "views": views, "cache_bound_gb": plan.cache_gb, "timing": timing},
+        trainer=trained.trainer,
+        info={**trained.info, "n_test_images": len(test), "timing": timing},
     )
+
+
+def probe_positions(
+    adapter: VLMAdapter,
+    train: Sequence[Path],
+    test: Sequence[Path],
+    stages: Sequence[Stage],
+    probe: Mapping[str, Any],
+    *,
+    batch_size: int,
+    prompt: str,
+    seed: int = 0,
+    num_workers: int = 0,
+) -> ProbeRun:
+    """Train every stage's probes on `train` images and score them on `test` images.
+
+    `probe` is the `experiment.probe` config (a mapping): target, trainer, epochs, epoch_mode,
+    token_rate, views, lr, lr_ref_dim, lr_schedule, weight_decay, minibatch_tokens, standardize,
+    bf16_matmul, max_cache_gb, sklearn.*.
+    """
+    common = {"batch_size": batch_size, "prompt": prompt, "num_workers": num_workers}
+    trained = train_probes(adapter, train, stages, probe, seed=seed, **common)
+    return score_probes(adapter, test, stages, trained, probe, **common)
 
 
 def _stage_columns(df: pd.DataFrame, stages: Sequence[Stage]) -> pd.DataFrame:

@@ -88,6 +88,63 @@ class ProbeSpec:
 StageData = tuple[torch.Tensor, torch.Tensor]
 
 
+@dataclass(frozen=True)
+class LinearProbe:
+    """One trained probe as data: class = classes[argmax(z @ weight + bias)], z = (x - mean) / std
+    (z = x without standardisation). What either trainer exports, a shard saves and the merge averages.
+
+    weight [dim, C] (float32 from torch; float64 from sklearn, as its own decision function), bias [C], classes [C] long (the class id of each column: every class
+    for the torch trainer, those seen in training for sklearn), mean / std [dim] or None.
+    """
+
+    weight: torch.Tensor
+    bias: torch.Tensor
+    classes: torch.Tensor
+    mean: torch.Tensor | None = None
+    std: torch.Tensor | None = None
+
+    def folded(self) -> LinearProbe:
+        """The same map on raw features: weight / std, bias - (mean / std) @ weight."""
+        if self.mean is None or self.std is None:
+            return self
+        w = self.weight / self.std[:, None]
+        return LinearProbe(w, self.bias - self.mean @ w, self.classes)
+
+    @torch.no_grad()
+    def predict(self, x: torch.Tensor, *, bf16_matmul: bool = False) -> np.ndarray:
+        """[n] predicted class ids for tokens x [n, dim] (on the probe's device)."""
+        x = x.to(self.weight.device, self.weight.dtype)
+        if self.mean is not None and self.std is not None:
+            x = (x - self.mean) / self.std
+        on = bf16_matmul and x.device.type == "cuda"
+        with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=on):
+            cols = torch.addmm(self.bias, x, self.weight).argmax(-1)
+        return self.classes.to(cols.device)[cols].cpu().numpy()
+
+    def to_dict(self) -> dict[str, torch.Tensor | None]:
+        return {"weight": self.weight.cpu(), "bias": self.bias.cpu(), "classes": self.classes.cpu(),
+                "mean": None if self.mean is None else self.mean.cpu(), "std": None if self.std is None else self.std.cpu()}
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, torch.Tensor | None], device: str | torch.device = "cpu") -> LinearProbe:
+        on = {k: None if v is None else v.to(device) for k, v in d.items()}
+        return cls(on["weight"], on["bias"], on["classes"], on["mean"], on["std"])  # type: ignore[arg-type]
+
+
+def average_probes(probes: Sequence[LinearProbe], weights: Sequence[float]) -> LinearProbe:
+    """The data-parallel merge of probes trained on disjoint images: one linear probe whose logits
+    are the `weights`-weighted mean of theirs (weight and bias averaged on raw features, where
+    the shards' different standardisations cancel). Every probe must cover the same classes."""
+    folded = [p.folded() for p in probes]
+    if any(not torch.equal(f.classes.cpu(), folded[0].classes.cpu()) for f in folded):
+        raise ValueError("probes to average must cover the same classes (sharded runs train with the torch trainer)")
+    w = torch.as_tensor(list(weights), dtype=torch.float64)
+    w = (w / w.sum()).tolist()
+    weight = sum(wi * f.weight.double() for wi, f in zip(w, folded))
+    bias = sum(wi * f.bias.double() for wi, f in zip(w, folded))
+    return LinearProbe(weight.float(), bias.float(), folded[0].classes)  # type: ignore[union-attr]
+
+
 class _Group:
     """Stages of one width, grid and target set, trained as one stacked problem.
 
@@ -228,16 +285,22 @@ class TorchProbes:
                 losses[name] = value
         return losses
 
-    @torch.no_grad()
+    def export(self) -> dict[tuple[str, str], LinearProbe]:
+        """Every (stage, target)'s probe as a `LinearProbe` (on the probes' device)."""
+        out = {}
+        for g in self.groups:
+            for stage, i in g.slot.items():
+                for t in g.targets:
+                    stats = (g.mean[i, 0], g.std[i, 0]) if self.standardize and g.mean is not None else (None, None)
+                    c = g.weight[t].shape[-1]
+                    out[stage, t] = LinearProbe(g.weight[t][i].detach(), g.bias[t][i, 0].detach(),
+                                                torch.arange(c, device=self.device), *stats)
+        return out
+
     def predict(self, stage: str, x: torch.Tensor) -> dict[str, np.ndarray]:
         """{target: [n] predicted class ids} for one stage's tokens x [n, dim]."""
-        g = self.group_of[stage]
-        i = g.slot[stage]
-        x = self._to_device(x).float()
-        if self.standardize:
-            x = (x - g.mean[i]) / g.std[i]
-        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16_matmul):
-            return {t: torch.addmm(g.bias[t][i], x, g.weight[t][i]).argmax(-1).cpu().numpy() for t in g.targets}
+        probes = self.export()
+        return {t: probes[stage, t].predict(x, bf16_matmul=self.bf16_matmul) for t in self.specs[stage].targets}
 
     def n_parameters(self) -> int:
         return sum(p.numel() for g in self.groups for p in g.parameters())
@@ -275,6 +338,23 @@ class SklearnProbes:
         xn = x.float().cpu().numpy()
         models = self.models
         return {t: np.asarray(models[stage, t].predict(xn)) for t in self.specs[stage].targets}  # type: ignore[attr-defined]
+
+    def export(self) -> dict[tuple[str, str], LinearProbe]:
+        """Every (stage, target)'s fitted model as a `LinearProbe` with sklearn's decision rule:
+        argmax of the decision function over the classes seen (two classes: column 1 wins when
+        its decision value is positive, as `LogisticRegression.predict`)."""
+        out = {}
+        for key, model in self.models.items():
+            steps = getattr(model, "steps", None)
+            scaler, clf = (steps[0][1], steps[-1][1]) if steps else (None, model)
+            coef = torch.as_tensor(clf.coef_, dtype=torch.float64).T  # [dim, C] or [dim, 1]
+            bias = torch.as_tensor(clf.intercept_, dtype=torch.float64)
+            if coef.shape[1] == 1:  # binary: logits (0, decision)
+                coef, bias = torch.cat([torch.zeros_like(coef), coef], 1), torch.cat([torch.zeros_like(bias), bias])
+            stats = (None, None) if scaler is None else (
+                torch.as_tensor(scaler.mean_, dtype=torch.float64), torch.as_tensor(scaler.scale_, dtype=torch.float64))
+            out[key] = LinearProbe(coef, bias, torch.as_tensor(clf.classes_, dtype=torch.long), *stats)
+        return out
 
 
 def choose_trainer(

@@ -5,16 +5,20 @@
 | `mean_embedding` | [hidden] mean projector output (cached across runs, `engine.mean_embedding`) | `mean_embedding.n_images` |
 | `register_scores` | sample_id -> [n_visual] vision-feature norm of each token (the projector input) | |
 | `integrated_gradients` | (sample_id, task) -> [n_visual] attribution of the clean answer | `experiment.integrated_gradients` |
-| `head_means` | task -> `HeadMeans` of clean runs of the first samples | `experiment.mean_samples`, `experiment.answer_mean`, `experiment.tasks` |
+| `head_means` | task -> `HeadMeans` of clean runs of the first samples (stored in the run directory) | `experiment.mean_samples`, `experiment.answer_mean`, `experiment.tasks` |
 
 Integrated gradients attribute the clean run's answers: its provider reads the run's stored
 baseline rows, so an experiment using it evaluates the baseline first. Per-sample resources cover
 this process's samples (`RunContext.work_samples`: its shard's); the mean embedding and head means
-come from the first samples of the whole run, the same for every shard.
+come from the first samples of the whole run, the same for every shard, computed by one process
+under a lock (`vlmloc.rundir.computed_once`) and read from its file by the others.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
+import json
 import logging
 import time
 from collections.abc import Callable
@@ -22,6 +26,8 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+import torch
+from omegaconf import OmegaConf
 from tqdm.auto import tqdm
 
 from vlmloc.conditions import BASELINE, Resources
@@ -31,6 +37,7 @@ from vlmloc.engine.head_means import HeadMeans, head_means
 from vlmloc.engine.mean_embedding import mean_visual_embedding
 from vlmloc.engine.visual_features import prepared_batches, projector_io
 from vlmloc.models.adapter import VLMAdapter
+from vlmloc.rundir import computed_once
 
 log = logging.getLogger("vlmloc.resources")
 
@@ -77,13 +84,25 @@ def ig_scores(adapter: VLMAdapter, samples: list[Sample], tasks: list[str], clea
 
 
 def _head_means(ctx: Any) -> dict[str, HeadMeans]:
-    exp = ctx.cfg.experiment
+    """Per task, head means of the run's first `experiment.mean_samples` samples, stored in the run
+    directory once (head_means-<task>-<key>.pt): a resumed run and every shard read the same file."""
+    exp, cfg = ctx.cfg.experiment, ctx.cfg
     n = int(exp.mean_samples)
     ref = ctx.samples[:n]
+    ident = {k: OmegaConf.to_container(cfg[k], resolve=True) for k in ("model", "data")}
+    ident |= {"mean_samples": n, "answer_mean": str(exp.answer_mean), "batch_size": int(cfg.batch_size)}
+    key = hashlib.sha256(json.dumps(ident, sort_keys=True, default=str).encode()).hexdigest()[:12]
     t0 = time.monotonic()
-    means = {str(t): head_means(ctx.adapter, ref, str(t), n, batch_size=int(ctx.cfg.batch_size), answer_mean=str(exp.answer_mean))
-             for t in exp.tasks}
-    log.info("head means over %d reference samples per task in %.1f s", len(ref), time.monotonic() - t0)
+
+    def compute(task: str) -> HeadMeans:
+        return head_means(ctx.adapter, ref, task, n, batch_size=int(cfg.batch_size), answer_mean=str(exp.answer_mean))
+
+    means = {str(t): computed_once(
+        ctx.run_dir / f"head_means-{t}-{key}.pt", lambda t=str(t): compute(t),
+        lambda v, f: torch.save(dataclasses.asdict(v), f),
+        lambda p: HeadMeans(**torch.load(p, map_location=ctx.adapter.device, weights_only=True)))
+        for t in exp.tasks}
+    log.info("head means over %d reference samples per task: %.1f s", len(ref), time.monotonic() - t0)
     return means
 
 

@@ -18,14 +18,16 @@ import logging
 import os
 import socket
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
-from typing import Any
+from typing import IO, Any, TypeVar
 
 from omegaconf import DictConfig, OmegaConf
 
 from vlmloc.errors import VlmlocError
 from vlmloc.results import atomic_write
+
+T = TypeVar("T")
 
 log = logging.getLogger("vlmloc")
 
@@ -184,6 +186,21 @@ def exclusive(path: Path, *, poll_s: float = 0.2, timeout_s: float = 3600.0) -> 
         yield
     finally:
         path.unlink(missing_ok=True)
+
+
+def computed_once(path: Path, compute: Callable[[], T], save: Callable[[T, IO[bytes]], None],
+                  load: Callable[[Path], T]) -> T:
+    """The value stored at `path`: loaded when there, else computed and stored (atomically) by one
+    of the processes that reach it at once, the others waiting on `<path>.lock` and loading it."""
+    if path.exists():
+        return load(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with exclusive(path.with_name(path.name + ".lock")):
+        if path.exists():
+            return load(path)
+        value = compute()
+        atomic_write(path, lambda f: save(value, f))
+        return value
 
 
 def _stale(path: Path) -> bool:

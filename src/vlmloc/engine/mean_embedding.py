@@ -19,7 +19,7 @@ from omegaconf import OmegaConf
 
 from vlmloc.engine.visual_features import prepared_batches, projector_io
 from vlmloc.results import atomic_write
-from vlmloc.rundir import exclusive
+from vlmloc.rundir import computed_once
 
 log = logging.getLogger("vlmloc.engine")
 
@@ -53,17 +53,12 @@ def mean_visual_embedding(ctx: Any) -> torch.Tensor:
     name, ident = _cache_key(ctx)
     cache = Path(ctx.cfg.paths.cache_dir) / "mean_embedding"
     tensor_path, meta_path = cache / f"{name}.pt", cache / f"{name}.json"
-    if tensor_path.exists():
-        return torch.load(tensor_path, map_location="cpu")
-    cache.mkdir(parents=True, exist_ok=True)
     # shards starting together: one computes, the others wait and load its file
-    with exclusive(cache / f"{name}.lock"):
-        if tensor_path.exists():
-            return torch.load(tensor_path, map_location="cpu")
-        return _compute(ctx, ident, tensor_path, meta_path)
+    return computed_once(tensor_path, lambda: _compute(ctx, ident, meta_path), lambda v, f: torch.save(v, f),
+                         lambda p: torch.load(p, map_location="cpu"))
 
 
-def _compute(ctx: Any, ident: dict[str, Any], tensor_path: Path, meta_path: Path) -> torch.Tensor:
+def _compute(ctx: Any, ident: dict[str, Any], meta_path: Path) -> torch.Tensor:
     adapter, t0 = ctx.adapter, time.monotonic()
     total, count, image_ids = None, 0, []
     n_images = int(ctx.cfg.mean_embedding.n_images)
@@ -79,9 +74,8 @@ def _compute(ctx: Any, ident: dict[str, Any], tensor_path: Path, meta_path: Path
     if total is None:
         raise ValueError("no images to compute the mean visual embedding from")
     mean = (total / count).float()
-    atomic_write(tensor_path, lambda f: torch.save(mean, f))
     meta = {**ident, "n_images_used": len(image_ids), "n_tokens": count, "image_ids": image_ids}
     atomic_write(meta_path, lambda f: f.write(json.dumps(meta, indent=2, default=str).encode()))
-    log.info("mean visual embedding over %d images (%d tokens) in %.1f s, cached at %s", len(image_ids), count,
-             time.monotonic() - t0, tensor_path)
+    log.info("mean visual embedding over %d images (%d tokens) in %.1f s, cached in %s", len(image_ids), count,
+             time.monotonic() - t0, meta_path.parent)
     return mean

@@ -38,6 +38,8 @@ MF_COLUMNS = ["sample_id", "image_id", "category", "task", "layer", "head", "pos
 # pairs left out of a task before any patching (localization: the source box missed), one row each
 EXCLUDED_FILE = "excluded_pairs.parquet"
 EXCLUDED_COLUMNS = ["sample_id", "image_id", "category", "task", "answer", "source_iou", "reason"]
+MF_KEY = ("sample_id", "task", "layer", "head", "positions")
+EXCLUDED_KEY = ("sample_id", "task")
 POSITIONS = ("all", "text")  # patch every position, or only those after the image
 LOCALIZATION_P = ("geometric_mean", "product")  # `engine.mediation.Target.reduce`
 OTHER_MODEL_PAIRS = ("refuse", "warn")
@@ -152,18 +154,28 @@ class _Rows(KeyedTable):
 
 
 def run(ctx: RunContext) -> None:
+    """MF rows of this shard's pairs (every pair unsharded), stored after each pair."""
     st = settings(ctx.cfg)
-    # one row per pair x task x layer x head, and one per pair x task left out before patching
-    mf = _Rows(ctx.run_dir / MF_FILE, ("sample_id", "task", "layer", "head", "positions"), MF_COLUMNS)
-    left_out = _Rows(ctx.run_dir / EXCLUDED_FILE, ("sample_id", "task"), EXCLUDED_COLUMNS)
+    # one row per pair x task x layer x head, and one per pair x task left out before patching;
+    # a shard writes its own copies (`Shard.file`), merged when the last one finishes
+    mf = _Rows(ctx.run_dir / ctx.shard.file(MF_FILE), MF_KEY, MF_COLUMNS)
+    left_out = _Rows(ctx.run_dir / ctx.shard.file(EXCLUDED_FILE), EXCLUDED_KEY, EXCLUDED_COLUMNS)
     done = {key[:2] for key in mf.done_keys()} | left_out.done_keys()
-    todo = [(s, t) for s in ctx.samples for t in ctx.cfg.tasks if (s.sample_id, t) not in done]
+    pairs = ctx.work_samples
+    todo = [(s, t) for s in pairs for t in ctx.cfg.tasks if (s.sample_id, t) not in done]
     for sample, task in tqdm(todo, desc="cma pairs", disable=not todo):
         rows = _pair_rows(ctx, st, sample, task)
         # stored after every pair: a kill loses at most the pair in flight
         left_out.add(pd.DataFrame([rows], columns=EXCLUDED_COLUMNS)) if isinstance(rows, dict) else mf.add(rows)
     if todo:
-        ctx.write_provenance(cma={"pairs": len(ctx.samples), "dropped": len(left_out.load())})
+        ctx.write_provenance(cma={"pairs": len(pairs), "dropped": len(left_out.load())})
     else:
         log.info("all pairs already analysed in %s: nothing to do", ctx.run_dir)
+
+
+def report(ctx: RunContext, rows: pd.DataFrame) -> None:
+    """The summary and heatmaps from mf.parquet and excluded_pairs.parquet (every shard's, merged);
+    `rows` (the runner's results.parquet) is empty here: CMA keeps rows of its own."""
+    mf = _Rows(ctx.run_dir / MF_FILE, MF_KEY, MF_COLUMNS)
+    left_out = _Rows(ctx.run_dir / EXCLUDED_FILE, EXCLUDED_KEY, EXCLUDED_COLUMNS)
     cma_report.write(mf.load(), left_out.load(), ctx.run_dir, ctx.cfg)

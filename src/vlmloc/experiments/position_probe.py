@@ -19,10 +19,24 @@ image does not matter, since visual tokens never attend to later tokens (causal 
 Training streams each batch's activations into all stages' probes, or caches them when they fit
 (`experiment.probe.*`; the training paths and their costs are in `vlmloc.probe_training`).
 
+Sharded (`shard.count=n`), the probes train data-parallel: shard i trains every stage's probes on
+its share of the training images (membership by the image's path, `vlmloc.shards.shard_of`),
+with the full schedule, and saves them; the shard that finishes last averages them into one
+probe per stage, weighted by training tokens (`vlmloc.probes.average_probes`: averaged weights
+and biases on raw features, so the merged probe's logits are the weighted mean of the shards'
+logits, an ensemble that is itself one linear probe), and scores it on every test image. The
+forward passes, the cost of a paper-scale run, divide by n; the test pass (one forward per test
+image) runs once. Not identical to one process: each shard's probe is fit to fewer images, and
+an average of linear models fit to disjoint data approaches the pooled fit as each share grows
+(Zhang, Duchi & Wainwright 2013, "Communication-efficient algorithms for statistical
+optimization"). Sharding by stage instead would leave every shard a full forward per image.
+
 Outputs in the run directory: probe_accuracy.parquet (one row per stage x target x view),
-per_position.parquet (per grid cell), fig2_position_probe.png, fig11_heatmaps.png, summary.md,
-run.json (`vlmloc.reports.position_probe` draws the figures and table from the two parquet
-files). A rerun with the same config finds them and only redraws the figures.
+per_position.parquet (per grid cell), probes.pt (every trained probe: `TrainedProbes.to_dict`;
+a shard also keeps its own, probes.shard-<i>-of-<n>.pt), fig2_position_probe.png,
+fig11_heatmaps.png, summary.md, run.json (`vlmloc.reports.position_probe` draws the figures and
+table from the two parquet files). A rerun with the same config finds them and only redraws the
+figures; a run killed after training finds its probes and only scores them.
 """
 
 from __future__ import annotations
@@ -38,15 +52,27 @@ from typing import Any
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
+import torch
 from omegaconf import MISSING, DictConfig, OmegaConf
 
 from vlmloc.data.images import ImageSplit, load_image_split
-from vlmloc.probe_training import ProbeSettings, memory_bound, probe_positions, probe_prompt, select_stages
+from vlmloc.errors import ConfigError
+from vlmloc.probe_training import (
+    ProbeSettings,
+    TrainedProbes,
+    memory_bound,
+    merge_probes,
+    probe_prompt,
+    score_probes,
+    select_stages,
+    train_probes,
+)
 from vlmloc.probes import probe_targets
 from vlmloc.provenance import provenance, write_run_json
 from vlmloc.reports import position_probe as position_probe_report
 from vlmloc.results import atomic_write
 from vlmloc.runner import RunContext
+from vlmloc.shards import Shard
 from vlmloc.settings import at_least, load, register
 
 log = logging.getLogger("vlmloc.experiments.position_probe")
@@ -56,6 +82,7 @@ RECOMPUTES_CHANGED_CONFIG = True
 
 ACCURACY_FILE = "probe_accuracy.parquet"
 PER_POSITION_FILE = "per_position.parquet"
+PROBES_FILE = "probes.pt"  # the trained probes (`vlmloc.probe_training.TrainedProbes`)
 
 
 # --------------------------------------------------------------------------- config
@@ -79,6 +106,14 @@ class Settings:
 
 def settings(cfg: DictConfig) -> Settings:
     return load(Settings, cfg)
+
+
+def check_config(cfg: DictConfig) -> None:
+    """A sharded run trains data-parallel with the torch trainer (`vlmloc.probe_training.train_probes`)."""
+    if int((cfg.get("shard") or {}).get("count", 1)) > 1 and settings(cfg).probe.trainer == "sklearn":
+        raise ValueError("experiment.probe.trainer=sklearn cannot be sharded: the merge averages probes over every "
+                         "class, and sklearn's cover only the classes one shard saw; use probe.trainer=torch (or "
+                         "auto) or shard.count=1")
 
 
 def _image_split(ctx: RunContext) -> ImageSplit:
@@ -125,7 +160,7 @@ def _write_parquet(df: pd.DataFrame, path: Path) -> None:
     atomic_write(path, lambda f: pq.write_table(table, f))
 
 
-def _write_provenance(ctx: RunContext, split: ImageSplit, extra: Mapping[str, Any]) -> None:
+def _write_provenance(ctx: RunContext, split: ImageSplit, extra: Mapping[str, Any], filename: str = "run.json") -> None:
     ad = ctx.adapter
     cfg = ctx.cfg
     model_info = {
@@ -141,36 +176,98 @@ def _write_provenance(ctx: RunContext, split: ImageSplit, extra: Mapping[str, An
                       attn_implementation=str(ad.model.config._attn_implementation), started=ctx.started)
     info["data"] = split.describe()
     info["position_probe"] = dict(extra)
-    write_run_json(ctx.run_dir, info)
+    if ctx.shard.sharded and filename != "run.json":
+        info["shard"] = {"index": ctx.shard.index, "count": ctx.shard.count, "n_train_images": extra.get("n_train_images")}
+    write_run_json(ctx.run_dir, info, filename)
+
+
+def _saved(path: Path, fp: str) -> TrainedProbes | None:
+    """The probes a shard saved at `path` for this configuration, if any."""
+    if not path.exists():
+        return None
+    d = torch.load(path, map_location="cpu", weights_only=True)
+    return TrainedProbes.from_dict(d) if d.get("fingerprint") == fp else None
+
+
+def shard_images(ctx: RunContext, paths: list[Path], folder: Path) -> list[Path]:
+    """The training images of this shard: membership by the image's path under the folder."""
+    if not ctx.shard.sharded:
+        return list(paths)
+    return [p for p in paths if ctx.shard.owns(p.relative_to(folder).as_posix())]
 
 
 # --------------------------------------------------------------------------- the experiment
 
 
 def run(ctx: RunContext) -> None:
-    """Probe the chosen stages on the split's train images, score them on its test images, report."""
+    """Train the chosen stages' probes on this shard's training images (every one unsharded) and
+    save them (probes.pt; a shard: probes.shard-<i>-of-<n>.pt). `finish` scores them."""
+    cfg = ctx.cfg
+    s = settings(cfg)
+    split = _image_split(ctx)
+    fp = fingerprint(cfg)
+    path = ctx.run_dir / ctx.shard.file(PROBES_FILE)
+    if _finished(ctx.run_dir, fp):
+        log.info("position probes already done in %s: nothing to do (figures redrawn)", ctx.run_dir)
+        return
+    if _saved(path, fp) is not None:
+        log.info("probes already trained in %s: scoring them", path)
+        return
+    adapter = ctx.adapter
+    stages, heat = select_stages(adapter, s.stages, s.heatmap_stages)
+    bound = memory_bound(adapter, stages, int(cfg.batch_size), probe_targets(s.probe.target))
+    log.info("streaming memory bound: %.2f GB of activations per batch + %.2f GB of probe state",
+             bound["activations_per_batch_bytes"] / 1e9, bound["probe_state_bytes"] / 1e9)
+    train = shard_images(ctx, split.train, split.folder)
+    if ctx.shard.sharded:
+        log.info("shard %d of %d: %d of %d training images", ctx.shard.index, ctx.shard.count, len(train), len(split.train))
+    trained = train_probes(adapter, train, stages, asdict(s.probe), batch_size=int(cfg.batch_size),
+                           prompt=probe_prompt(adapter, s.question), seed=int(cfg.seed), num_workers=s.num_workers,
+                           sharded=ctx.shard.sharded)
+    trained.info |= {"fingerprint": fp, "heatmap_stages": heat, "stages": [st.name for st in stages], "memory_bound": bound}
+    data = {"fingerprint": fp, **trained.to_dict()}
+    atomic_write(path, lambda f: torch.save(data, f))
+    if ctx.shard.sharded:
+        _write_provenance(ctx, split, trained.info, ctx.shard.run_json_file)
+
+
+def finish(ctx: RunContext) -> None:
+    """Once every shard has trained: merge the shards' probes (`vlmloc.probe_training.merge_probes`,
+    saved as probes.pt), score them on the test images, write the two parquet files and run.json."""
     cfg = ctx.cfg
     s = settings(cfg)
     split = _image_split(ctx)
     fp = fingerprint(cfg)
     if _finished(ctx.run_dir, fp):
-        log.info("position probes already done in %s: nothing to do (figures redrawn)", ctx.run_dir)
-        acc = pd.read_parquet(ctx.run_dir / ACCURACY_FILE)
-        per_pos = pd.read_parquet(ctx.run_dir / PER_POSITION_FILE)
-        heat = list(json.loads((ctx.run_dir / "run.json").read_text())["position_probe"]["heatmap_stages"])
-    else:
-        adapter = ctx.adapter
-        stages, heat = select_stages(adapter, s.stages, s.heatmap_stages)
-        bound = memory_bound(adapter, stages, int(cfg.batch_size), probe_targets(s.probe.target))
-        log.info("streaming memory bound: %.2f GB of activations per batch + %.2f GB of probe state",
-                 bound["activations_per_batch_bytes"] / 1e9, bound["probe_state_bytes"] / 1e9)
-        result = probe_positions(
-            adapter, split.train, split.test, stages, asdict(s.probe), batch_size=int(cfg.batch_size),
-            prompt=probe_prompt(adapter, s.question), seed=int(cfg.seed), num_workers=s.num_workers,
-        )
-        acc, per_pos = result.accuracy, result.per_position
-        _write_parquet(acc, ctx.run_dir / ACCURACY_FILE)
-        _write_parquet(per_pos, ctx.run_dir / PER_POSITION_FILE)
-        _write_provenance(ctx, split, {**result.info, "fingerprint": fp, "heatmap_stages": heat,
-                                       "stages": [st.name for st in stages], "memory_bound": bound})
-    position_probe_report.write(acc, ctx.run_dir, cfg, per_position=per_pos, heatmap_stages=heat)
+        return
+    parts = []
+    for i in range(ctx.shard.count):
+        name = Shard(ctx.shard.count, i).file(PROBES_FILE)
+        part = _saved(ctx.run_dir / name, fp)
+        if part is None:
+            raise ConfigError(f"{ctx.run_dir / name} is missing or was trained with another configuration: rerun "
+                              f"that shard (shard.index={i})")
+        parts.append(part)
+    trained = merge_probes(parts)
+    if ctx.shard.sharded:
+        merged = {"fingerprint": fp, **trained.to_dict()}
+        atomic_write(ctx.run_dir / PROBES_FILE, lambda f: torch.save(merged, f))
+    adapter = ctx.adapter
+    stages, heat = select_stages(adapter, s.stages, s.heatmap_stages)
+    result = score_probes(adapter, split.test, stages, trained, asdict(s.probe), batch_size=int(cfg.batch_size),
+                          prompt=probe_prompt(adapter, s.question), num_workers=s.num_workers)
+    _write_parquet(result.accuracy, ctx.run_dir / ACCURACY_FILE)
+    _write_parquet(result.per_position, ctx.run_dir / PER_POSITION_FILE)
+    extra = dict(result.info)
+    if ctx.shard.sharded:  # each shard's training, as the merge listed it
+        shards = json.loads((ctx.run_dir / "run.json").read_text()).get("shards", [])
+        extra["shards"] = [sh.get("position_probe", sh) for sh in shards]
+    _write_provenance(ctx, split, extra)
+
+
+def report(ctx: RunContext, rows: pd.DataFrame) -> None:
+    """Fig. 2 / 11 and summary.md from the two parquet files (`rows`, the runner's table, is empty here)."""
+    acc = pd.read_parquet(ctx.run_dir / ACCURACY_FILE)
+    per_pos = pd.read_parquet(ctx.run_dir / PER_POSITION_FILE)
+    heat = list(json.loads((ctx.run_dir / "run.json").read_text())["position_probe"]["heatmap_stages"])
+    position_probe_report.write(acc, ctx.run_dir, ctx.cfg, per_position=per_pos, heatmap_stages=heat)
