@@ -64,6 +64,9 @@ KEYS = ("sample_id", "task", "condition", "layer", "head", "positions", "stage",
 def compare(one: Path, two: Path, name: str) -> dict[str, object]:
     """One parquet table of both runs: rows, same keys, the largest difference of each float column,
     and whether the other columns agree."""
+    absent = [str(d) for d in (one, two) if not (d / name).exists()]
+    if absent:  # e.g. no pair left out: no excluded_pairs.parquet
+        return {"absent_in": absent}
     u, v = pd.read_parquet(one / name), pd.read_parquet(two / name)
     keys = [c for c in KEYS if c in u.columns]
     u, v = (df.sort_values(keys).reset_index(drop=True) for df in (u, v))
