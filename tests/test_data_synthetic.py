@@ -127,6 +127,32 @@ def test_idempotent_and_regenerates_on_param_change(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["heldout"]  # no temp folders left behind
 
 
+def test_jobs_starting_together_generate_the_dataset_once(tmp_path, monkeypatch):
+    import threading
+
+    from vlmloc.data import synthetic
+
+    calls, real = [], synthetic.generate_split
+
+    def slow(*args, **kwargs):
+        calls.append(1)
+        threading.Event().wait(0.5)  # the sibling arrives while this one renders
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(synthetic, "generate_split", slow)
+    params = {**SMALL, "n_images": 2}
+    out: list[Path] = []
+    threads = [threading.Thread(target=lambda: out.append(ensure_synthetic(tmp_path, "heldout", params)))
+               for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(calls) == 1 and out == [out[0], out[0]]
+    assert len(json.loads(out[0].read_text())["images"]) == 2
+    assert [p.name for p in tmp_path.iterdir()] == ["heldout"]  # no lock or temp folder left behind
+
+
 def test_refuses_to_overwrite_foreign_folder(tmp_path):
     (tmp_path / "heldout").mkdir()
     (tmp_path / "heldout" / "notes.txt").write_text("mine")

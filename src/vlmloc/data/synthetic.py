@@ -35,6 +35,7 @@ from PIL import Image, ImageDraw
 from pycocotools import mask as mask_utils
 
 from vlmloc.data.coco import DataError
+from vlmloc.rundir import exclusive
 
 log = logging.getLogger("vlmloc.data")
 
@@ -437,15 +438,21 @@ def ensure_synthetic(
         log.info("synthetic %s: reusing %s", split, ann_path)
         return ann_path
     _check_ours(final)
-    # Build beside the target and swap in, so parallel jobs and crashes never leave a half
-    # dataset behind a valid-looking instances.json.
-    tmp = final.parent / f".{split}.tmp-{uuid.uuid4().hex[:8]}"
-    try:
-        coco = generate_split(tmp, split, params)
-        _write_json(tmp / "instances.json", coco)
-        _swap_in(tmp, final, params.hash(split))
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    # shards starting together: one generates, the others wait and reuse it
+    with exclusive(final.parent / f".{split}.lock"):
+        if _is_current(ann_path, params.hash(split)):
+            log.info("synthetic %s: reusing %s", split, ann_path)
+            return ann_path
+        # Build beside the target and swap in, so crashes never leave a half dataset behind a
+        # valid-looking instances.json.
+        tmp = final.parent / f".{split}.tmp-{uuid.uuid4().hex[:8]}"
+        try:
+            coco = generate_split(tmp, split, params)
+            _write_json(tmp / "instances.json", coco)
+            _swap_in(tmp, final, params.hash(split))
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
     n_img, n_obj = len(coco["images"]), len(coco["annotations"])
     log.info("synthetic %s: wrote %d images, %d objects to %s", split, n_img, n_obj, final)
     return ann_path
