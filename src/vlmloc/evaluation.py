@@ -1,9 +1,13 @@
 """Evaluate classification and localization on samples, in batches, under one or more conditions.
 
-Classification (yes_no mode, the default): one forward pass per batch; P(yes) vs P(no) from the
-next-token distribution; correct when the object is present (always, for these samples) and
-yes wins. Open mode: generate an answer; correct when it names the category (or a synonym from
-the sample's meta) or starts with a yes word.
+Classification, by `model.classification.mode`:
+- list (the real models' default, the paper's "listing objects"): generate the answer to the
+  list prompt; correct when it names the queried category or one of its forms
+  (`vlmloc.category_names`, the sample's own synonyms added); the raw answer is kept.
+- yes_no: one forward pass per batch; P(yes) vs P(no) from the next-token distribution; correct
+  when the object is present (always, for these samples) and yes wins.
+- open: generate an answer to the yes/no question; correct when it names the category or
+  starts with a yes word.
 Localization: greedy generation, the family's box parser, IoU with the ground-truth box; hits at
 IoU >= 0.5 / 0.7 / 0.9; an unparseable answer is a miss (IoU 0) kept with its raw text.
 
@@ -17,7 +21,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
-import re
 import time
 from collections.abc import Callable, Collection, Iterator, Sequence
 from typing import Any
@@ -26,6 +29,7 @@ import pandas as pd
 from tqdm.auto import tqdm
 
 from vlmloc import geometry
+from vlmloc.category_names import load_names, names_category
 from vlmloc.conditions import BASELINE, AblateHeads, BlockAttention, Condition, Resources, realize
 from vlmloc.data.sample import Sample
 from vlmloc.engine.heads import HeadEdit, edit_heads
@@ -38,7 +42,8 @@ log = logging.getLogger("vlmloc.evaluation")
 IOU_THRESHOLDS = (0.5, 0.7, 0.9)
 
 
-def length_order(adapter: VLMAdapter, items: Sequence[tuple[Sample, Condition]], task: str) -> list[int]:
+def length_order(adapter: VLMAdapter, items: Sequence[tuple[Sample, Condition]], task: str,
+                 mode: str | None = None) -> list[int]:
     """Indices of items sorted by prompt length (visual tokens first), so batches pad little.
 
     Items of the same sample stay together, so a batch loads each image once.
@@ -46,16 +51,19 @@ def length_order(adapter: VLMAdapter, items: Sequence[tuple[Sample, Condition]],
 
     def key(i: int) -> tuple[int, int, str, int]:
         s = items[i][0]
-        return (adapter.n_visual_tokens(s.width, s.height), len(adapter.prompt(task, s.category)), s.sample_id, i)
+        return (adapter.n_visual_tokens(s.width, s.height), len(adapter.prompt(task, s.category, mode)), s.sample_id, i)
 
     return sorted(range(len(items)), key=key)
 
 
-def max_new_tokens(adapter: VLMAdapter, task: str) -> int:
-    """Tokens the task's call may generate after the prompt (0: one forward pass, yes/no scoring)."""
+def max_new_tokens(adapter: VLMAdapter, task: str, mode: str | None = None) -> int:
+    """Tokens the task's call may generate after the prompt (0: one forward pass, yes/no scoring).
+    mode: a classification mode other than the model's."""
     if task == "classification":
-        open_mode = str(adapter.cfg.classification.mode) != "yes_no"
-        return int(adapter.cfg.classification.max_new_tokens) if open_mode else 0
+        mode = mode or adapter.classification_mode
+        if mode == "list":
+            return int(adapter.cfg.classification.list_max_new_tokens)
+        return int(adapter.cfg.classification.max_new_tokens) if mode == "open" else 0
     if task == "localization":
         return int(adapter.cfg.localization.max_new_tokens)
     raise ValueError(f"unknown task {task!r}")
@@ -93,8 +101,12 @@ def evaluate(
     sink: Callable[[pd.DataFrame], Any] | None = None,
     flush_seconds: float = 0.0,
     resources: Resources | None = None,
+    classification_mode: str | None = None,
 ) -> pd.DataFrame:
     """One row per sample x task x condition measured on the task (results schema), minus keys in `skip`.
+
+    classification_mode: list | yes_no | open instead of the model's `classification.mode`
+    (make_pairs' filter asks CMA's yes/no question).
 
     resources: the named inputs the conditions read (`Condition.resources`); "adapter" and
     "new_tokens" are always provided here.
@@ -112,7 +124,8 @@ def evaluate(
     with_heads = any(isinstance(iv, AblateHeads) for c in conditions for iv in c.interventions)
     named = resources if resources is not None else Resources()
     named.setdefault("adapter", adapter)
-    named.setdefault("new_tokens", {t: max_new_tokens(adapter, t) for t in ("classification", "localization")})
+    mode = classification_mode
+    named.setdefault("new_tokens", {t: max_new_tokens(adapter, t, mode) for t in ("classification", "localization")})
     frames = []
     for task in tasks:
         items = [
@@ -124,19 +137,20 @@ def evaluate(
         rows: dict[int, dict[str, Any]] = {}
         unsent: list[int] = []
         last_flush = t0 = time.monotonic()
-        order = length_order(adapter, items, task)
+        order = length_order(adapter, items, task, mode)
         bar = tqdm(total=len(order), desc=task, disable=not progress, leave=False)
         for idx in _batches(order, batch_size):
             chunk = [items[i] for i in idx]
             images = {s.sample_id: s.load_image() for s, _ in chunk}
-            batch = adapter.prepare([images[s.sample_id] for s, _ in chunk], [adapter.prompt(task, s.category) for s, _ in chunk])
+            batch = adapter.prepare([images[s.sample_id] for s, _ in chunk],
+                                    [adapter.prompt(task, s.category, mode) for s, _ in chunk])
             rows_in = list(zip(chunk, batch.layouts))
             realized = [realize(c, s, lay, task, batch.seq_len, named) for (s, c), lay in rows_in]
             edits = [r.edits for r in realized]
             kos = [r.knockout for r in realized]
             heads = [r.heads for r in realized]
             with intervene(adapter, edits, kos, heads):
-                results = _run_task(adapter, batch, [s for s, _ in chunk], task)
+                results = _run_task(adapter, batch, [s for s, _ in chunk], task, mode)
             for i, (sample, cond), res, layout, row_edits, ko, row_heads in zip(idx, chunk, results, batch.layouts, edits, kos, heads):
                 n_edited = sum(e.n for e in row_edits)
                 rows[i] = {
@@ -178,14 +192,17 @@ def _base_row(sample: Sample, task: str, condition: str) -> dict[str, Any]:
     }
 
 
-def _run_task(adapter: VLMAdapter, batch: PreparedBatch, chunk: Sequence[Sample], task: str) -> list[dict[str, Any]]:
-    new_tokens = max_new_tokens(adapter, task)
+def _run_task(adapter: VLMAdapter, batch: PreparedBatch, chunk: Sequence[Sample], task: str,
+              mode: str | None = None) -> list[dict[str, Any]]:
+    new_tokens = max_new_tokens(adapter, task, mode)
     if task == "classification":
-        if str(adapter.cfg.classification.mode) == "yes_no":
+        mode = mode or adapter.classification_mode
+        if mode == "yes_no":
             p_yes = yes_probability(adapter, next_token_logprobs(adapter, batch))
             return [classification_outcome(float(p)) for p in p_yes]
         answers = generate(adapter, batch, new_tokens)
-        return [open_classification_outcome(adapter, a, s) for a, s in zip(answers, chunk)]
+        outcome = list_classification_outcome if mode == "list" else open_classification_outcome
+        return [outcome(adapter, a, s) for a, s in zip(answers, chunk)]
     answers = generate(adapter, batch, new_tokens)
     return [localization_outcome(adapter, a, s) for a, s in zip(answers, chunk)]
 
@@ -204,13 +221,25 @@ def classification_outcome(p_yes: float) -> dict[str, Any]:
     }
 
 
+def _names(adapter: VLMAdapter, answer: str, sample: Sample) -> bool:
+    """Whether the answer names the sample's category: its forms in `classification.names_file`,
+    plus the sample's own synonyms."""
+    table = load_names(str(adapter.cfg.classification.names_file))
+    return names_category(answer, sample.category, table, sample.meta.get("synonyms", []))
+
+
+def list_classification_outcome(adapter: VLMAdapter, answer: str, sample: Sample) -> dict[str, Any]:
+    """List answers: correct when the list names the category; the raw answer is kept."""
+    out = classification_outcome(math.nan)
+    out.update(answer=answer, correct=_names(adapter, answer, sample))
+    return out
+
+
 def open_classification_outcome(adapter: VLMAdapter, answer: str, sample: Sample) -> dict[str, Any]:
     """Open answers: correct when the answer names the category (or a synonym) or starts with yes."""
-    names = [sample.category, *sample.meta.get("synonyms", [])]
-    named = any(re.search(rf"\b{re.escape(n)}s?\b", answer, flags=re.IGNORECASE) for n in names)
     yes = any(answer.strip().lower().startswith(str(w).lower()) for w in adapter.cfg.classification.yes_words)
     out = classification_outcome(math.nan)
-    out.update(answer=answer, correct=bool(named or yes))
+    out.update(answer=answer, correct=bool(_names(adapter, answer, sample) or yes))
     return out
 
 

@@ -59,8 +59,10 @@ def register_scores(adapter: VLMAdapter, samples: list[Sample], batch_size: int)
 
 def ig_scores(adapter: VLMAdapter, samples: list[Sample], tasks: list[str], clean: pd.DataFrame, ig: Any,
               mean: Any) -> dict[tuple[str, str], np.ndarray]:
-    """Per (sample, task): IG attribution of log P(yes)/(P(yes)+P(no)) (classification) or of the
-    clean box answer's teacher-forced log-probability (localization). ig: experiment.integrated_gradients."""
+    """Per (sample, task): IG attribution of the clean run's answer: for yes/no classification
+    log P(yes)/(P(yes)+P(no)) (the clean answer is yes or no: its margin), for list or open
+    classification and for localization the teacher-forced log-probability of the clean generated
+    text (the list, the box). ig: experiment.integrated_gradients."""
     baseline = mean if str(ig.baseline) == "mean" else None
     answers = clean.set_index(["sample_id", "task"])["answer"]
     out, t0 = {}, time.monotonic()
@@ -68,7 +70,7 @@ def ig_scores(adapter: VLMAdapter, samples: list[Sample], tasks: list[str], clea
         image = s.load_image()
         for task in tasks:
             answer = None
-            if task == "localization":
+            if task == "localization" or adapter.classification_mode != "yes_no":
                 text = str(answers.get((s.sample_id, task), "") or "")
                 answer = (str(adapter.cfg.classification.answer_prefix) + text) if text else None
                 if answer is None:  # no clean answer to attribute: rank nothing above random

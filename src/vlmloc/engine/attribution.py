@@ -1,9 +1,10 @@
 """Integrated gradients of the model's answer with respect to each visual token's LM-input embedding.
 
 For one image and prompt, f is the answer's log-probability:
-- classification: log P(yes) / (P(yes) + P(no)) at the next-token position;
-- localization: the summed log-probability of a given answer (the model's own greedy box
-  answer), teacher-forced.
+- yes/no classification (no answer given): log P(yes) / (P(yes) + P(no)) at the next-token
+  position, the margin the clean yes/no answer is read from;
+- a given answer (the model's own greedy box for localization, its list of objects for list-mode
+  classification): the answer's summed log-probability, teacher-forced.
 The visual embeddings x (rows of inputs_embeds at the layout's positions) are interpolated from a
 baseline b (zero, or the mean visual embedding) while every other position stays clean:
 attribution_i = sum_d (x - b)_{i,d} * mean_alpha dF/dx_{i,d}(b + alpha (x - b)), midpoint rule

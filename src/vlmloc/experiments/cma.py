@@ -108,7 +108,8 @@ def _pair_rows(ctx: RunContext, st: Settings, sample: Sample, task: str) -> pd.D
     """The pair's MF rows for `task`, or (a dict) the record of why the pair is left out of it."""
     ad = ctx.adapter
     source_image, base_image = sample.load_image(), inpainted_sample(sample).load_image()
-    prompt = ad.prompt(task, sample.category)
+    # classification: the yes/no question whatever the model's classification.mode (MF of P(yes))
+    prompt = ad.prompt(task, sample.category, mode="yes_no")
     answer, target = "", Target(0)
     source_iou = np.nan
     if task == "localization":

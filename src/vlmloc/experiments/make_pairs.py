@@ -2,7 +2,8 @@
 
 For every object of the data: remove it by inpainting (`cfg.inpaint`, mask dilated by
 `inpaint.dilate_px`), ask the model the classification question on the original and on the
-inpainted image (batched, `evaluate`), and keep the pair when the model recognizes the object in
+inpainted image (batched, `evaluate`; `experiment.classification_mode`, yes/no by default, the
+question CMA asks), and keep the pair when the model recognizes the object in
 the original and not in the inpainted image; with `experiment.require_localization` the model
 must also localize it in the original (IoU >= 0.5).
 
@@ -41,10 +42,11 @@ from vlmloc.data.sample import Sample
 from vlmloc.conditions import Condition
 from vlmloc.evaluation import evaluate
 from vlmloc.inpaint import build_inpainter
+from vlmloc.models.adapter import CLASSIFICATION_MODES
 from vlmloc.provenance import write_run_json
 from vlmloc.reports import make_pairs as make_pairs_report
 from vlmloc.results import RUN_JSON_FILE, is_missing
-from vlmloc.settings import at_least, load, register
+from vlmloc.settings import at_least, load, one_of, register
 
 log = logging.getLogger("vlmloc.experiments.make_pairs")
 
@@ -62,10 +64,12 @@ class Settings:
     """experiment.* of configs/experiment/make_pairs.yaml, typed and checked."""
 
     name: str = MISSING
+    classification_mode: str = MISSING
     require_localization: bool = MISSING
     figure_examples: int = MISSING
 
     def __post_init__(self) -> None:
+        one_of("experiment.classification_mode", self.classification_mode, CLASSIFICATION_MODES)
         at_least("experiment.figure_examples", self.figure_examples, 0)
 
 
@@ -129,8 +133,10 @@ def _record_provenance(ctx: RunContext, did_work: bool, extra: dict[str, Any]) -
 
 
 def model_key(cfg: Any) -> str:
-    """`<model name>@<hash of the resolved model config>`: answers depend on weights, prompts, mode."""
-    blob = json.dumps(OmegaConf.to_container(cfg.model, resolve=True), sort_keys=True, default=str)
+    """`<model name>@<hash of the resolved model config and the filter's classification mode>`:
+    answers depend on weights, prompts, mode."""
+    asked = {"model": OmegaConf.to_container(cfg.model, resolve=True), "mode": settings(cfg).classification_mode}
+    blob = json.dumps(asked, sort_keys=True, default=str)
     return f"{cfg.model.name}@{hashlib.sha256(blob.encode()).hexdigest()[:12]}"
 
 
@@ -149,7 +155,8 @@ def classify_missing(
     log.info("classifying %d objects on original and inpainted images", len(todo))
     bs = int(ctx.cfg.batch_size)
     views = [v for s in todo for v in (s, inpainted_view(s, pairs_dir))]  # one call: batches mix both
-    df = evaluate(ctx.adapter, views, ["classification"], batch_size=bs, conditions=[Condition("pair_filter")])
+    df = evaluate(ctx.adapter, views, ["classification"], batch_size=bs, conditions=[Condition("pair_filter")],
+                  classification_mode=settings(ctx.cfg).classification_mode)
     by_id = {r["sample_id"]: r for r in df.to_dict("records")}
     for s in todo:
         o, i = by_id[s.sample_id], by_id[s.sample_id + INPAINTED_SUFFIX]

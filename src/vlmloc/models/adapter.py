@@ -23,6 +23,7 @@ from vlmloc.models.families import family as family_facts
 from vlmloc.models.layout import VisualLayout
 
 TASKS = ("classification", "localization")
+CLASSIFICATION_MODES = ("list", "yes_no", "open")
 Box = tuple[float, float, float, float]
 
 
@@ -122,15 +123,27 @@ class VLMAdapter(ABC):
     def image_placeholder(self) -> str:
         return self.processor.image_token
 
-    def question(self, task: str, category: str) -> str:
+    @property
+    def classification_mode(self) -> str:
+        """`classification.mode`: list | yes_no | open (configs/family/llava.yaml)."""
+        mode = str(self.cfg.classification.mode)
+        if mode not in CLASSIFICATION_MODES:
+            raise ValueError(f"model.classification.mode must be one of {list(CLASSIFICATION_MODES)}, got {mode!r}")
+        return mode
+
+    def question(self, task: str, category: str, mode: str | None = None) -> str:
+        """The task's question; classification in list mode asks for a list (no category in it).
+        mode: a classification mode other than the configured one (CMA asks yes/no)."""
         if task not in TASKS:
             raise ValueError(f"unknown task {task!r}; expected one of {TASKS}")
+        if task == "classification" and (mode or self.classification_mode) == "list":
+            return str(self.cfg.prompts.list)
         return str(self.cfg.prompts[task]).format(category=category)
 
-    def prompt(self, task: str, category: str) -> str:
+    def prompt(self, task: str, category: str, mode: str | None = None) -> str:
         """The full chat-formatted prompt text, with the family's image placeholder."""
         return str(self.cfg.prompts.template).format(
-            image=self.image_placeholder, question=self.question(task, category)
+            image=self.image_placeholder, question=self.question(task, category, mode)
         )
 
     def _answer_token_ids(self, words: Sequence[str]) -> list[int]:

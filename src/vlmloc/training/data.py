@@ -118,7 +118,7 @@ class QuestionEncoder:
 
     def encode(self, q: Question, n_tiles: int) -> tuple[list[int], int]:
         """(ids of prompt + answer + eos with the image expanded, number of prompt ids)."""
-        prompt = self.adapter.prompt(q.task, q.category)
+        prompt = self.adapter.prompt(q.task, q.category, mode="yes_no")  # the demo models learn yes/no questions
         prefix = str(self.adapter.cfg.classification.answer_prefix)
         p_ids = self.tok(prompt).input_ids
         full = self.tok(prompt + prefix + q.answer).input_ids
