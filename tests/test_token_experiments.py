@@ -38,6 +38,74 @@ def test_token_ablation_end_to_end(model, tmp_path, monkeypatch):
     pd.testing.assert_frame_equal(pd.read_parquet(run_dir / "results.parquet"), df)
 
 
+def _hand_object_tokens(sample, grid: int = 24) -> list[int]:
+    """Row-major token indices whose cell of LLaVA's padded square overlaps a mask pixel, brute force."""
+    mask = sample.mask()
+    h, w = mask.shape
+    side = max(w, h)
+    left, top = (side - w) // 2, (side - h) // 2
+    cell = side / grid
+    out = []
+    for r in range(grid):
+        for c in range(grid):
+            x0, x1 = c * cell - left, (c + 1) * cell - left  # the cell in original pixels
+            y0, y1 = r * cell - top, (r + 1) * cell - top
+            cols = [j for j in range(w) if j + 1 > x0 + 1e-9 and j < x1 - 1e-9]
+            rows = [i for i in range(h) if i + 1 > y0 + 1e-9 and i < y1 - 1e-9]
+            if cols and rows and mask[rows[0]:rows[-1] + 1, cols[0]:cols[-1] + 1].any():
+                out.append(r * grid + c)
+    return out
+
+
+def test_token_ablation_rows_equal_a_forward_edited_by_hand(tmp_path, tiny_llava):
+    """The stored P(yes) of object_tokens and the register scores against the model's own modules,
+    run here: the mean embedding over the first images, the object's tokens found by brute force,
+    the projector output at those positions replaced, one forward."""
+    import torch
+
+    from vlmloc.engine.readout import yes_probability
+    from vlmloc.resources import register_scores
+
+    cfg = compose_cfg("experiment=token_ablation", "model=tiny_llava", "data=synthetic", "data.n=3",
+                      "mean_embedding.n_images=2", f"paths.cache_dir={tmp_path / 'cache'}", *FAST,
+                      data_dir=tmp_path / "data")
+    app.run(cfg, tmp_path / "run", adapter=tiny_llava)
+    df = pd.read_parquet(tmp_path / "run" / "results.parquet")
+    ctx = runner.RunContext(cfg=cfg, run_dir=tmp_path / "run")
+    samples = ctx.samples
+    ad, model = tiny_llava, tiny_llava.model
+    mcfg = model.config
+
+    def features(sample) -> tuple[torch.Tensor, torch.Tensor, dict]:
+        """(vision features [576, d_v], projector output [576, hidden], the prepared inputs)."""
+        batch = ad.prepare([sample.load_image()], [ad.prompt("classification", sample.category)])
+        with torch.no_grad():
+            vt = model.model.vision_tower(batch.inputs["pixel_values"], output_hidden_states=True)
+            feats = vt.hidden_states[mcfg.vision_feature_layer][:, 1:]  # strategy "default": drop CLS
+            return feats[0].float(), model.model.multi_modal_projector(feats)[0], batch.inputs
+
+    firsts = list(dict.fromkeys(s.image_id for s in samples))[:2]
+    ref = [next(s for s in samples if s.image_id == i) for i in firsts]
+    mean = torch.cat([features(s)[1].double() for s in ref]).mean(0)
+    scores = register_scores(ad, samples, batch_size=2)
+    for sample in samples:
+        feats, proj, inputs = features(sample)
+        torch.testing.assert_close(torch.as_tensor(scores[sample.sample_id]), feats.norm(dim=-1), rtol=1e-4, atol=1e-5)
+        ids = inputs["input_ids"][0]
+        image_pos = torch.nonzero(ids == mcfg.image_token_id).flatten()
+        assert len(image_pos) == 576
+        with torch.no_grad():
+            embeds = model.get_input_embeddings()(inputs["input_ids"]).clone()
+            embeds[0, image_pos] = proj.to(embeds.dtype)
+            obj = _hand_object_tokens(sample)
+            embeds[0, image_pos[obj]] = mean.to(embeds.dtype)
+            logits = model(inputs_embeds=embeds, attention_mask=inputs["attention_mask"]).logits[:, -1].float()
+        p_yes = float(yes_probability(ad, torch.log_softmax(logits, -1))[0])
+        row = df[(df.sample_id == sample.sample_id) & (df.task == "classification") & (df.condition == "object_tokens")]
+        assert len(row) == 1 and int(row["n_edited"].iloc[0]) == len(obj) > 0
+        assert float(row["p_yes"].iloc[0]) == pytest.approx(p_yes, abs=1e-5)
+
+
 def test_shuffle_end_to_end(tmp_path):
     cfg = compose_cfg("experiment=shuffle", "model=tiny_internvl", "data=synthetic", "data.n=3",
                       "model.localization.max_new_tokens=8", data_dir=tmp_path / "data")
