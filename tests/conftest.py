@@ -42,3 +42,22 @@ def tiny_internvl():
 def noise_image(width: int, height: int, seed: int = 0) -> Image.Image:
     rng = np.random.default_rng(seed)
     return Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8))
+
+
+def hand_object_tokens(sample, grid: int = 24) -> list[int]:
+    """Row-major token indices whose cell of LLaVA's padded square overlaps a mask pixel, brute force."""
+    mask = sample.mask()
+    h, w = mask.shape
+    side = max(w, h)
+    left, top = (side - w) // 2, (side - h) // 2
+    cell = side / grid
+    out = []
+    for r in range(grid):
+        for c in range(grid):
+            x0, x1 = c * cell - left, (c + 1) * cell - left  # the cell in original pixels
+            y0, y1 = r * cell - top, (r + 1) * cell - top
+            cols = [j for j in range(w) if j + 1 > x0 + 1e-9 and j < x1 - 1e-9]
+            rows = [i for i in range(h) if i + 1 > y0 + 1e-9 and i < y1 - 1e-9]
+            if cols and rows and mask[rows[0]:rows[-1] + 1, cols[0]:cols[-1] + 1].any():
+                out.append(r * grid + c)
+    return out

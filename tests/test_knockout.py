@@ -196,3 +196,39 @@ def test_knockout_end_to_end(model, request, tmp_path, monkeypatch):
     monkeypatch.setattr(runner, "load_adapter", lambda mcfg: pytest.fail("a finished run must not load the model"))
     app.run(cfg, run_dir)
     pd.testing.assert_frame_equal(pd.read_parquet(run_dir / "results.parquet"), df)
+
+
+def test_knockout_rows_equal_a_forward_with_a_hand_built_mask(tiny_llava, tmp_path):
+    """knockout:object:layers=0-1 blocks every layer of the tiny model: its stored P(yes) equals a
+    forward whose 4-D mask, built here, hides the object's tokens (found by brute force) from
+    every position after the image."""
+    import torch
+
+    from conftest import hand_object_tokens
+    from vlmloc.engine.readout import yes_probability
+
+    cfg = compose_cfg("experiment=knockout", "model=tiny_llava", "data=synthetic", "data.n=2",
+                      "data.synthetic.n_images=4", "model.localization.max_new_tokens=4", "tasks=[classification]",
+                      data_dir=tmp_path / "data")
+    app.run(cfg, tmp_path / "run", adapter=tiny_llava)
+    df = pd.read_parquet(tmp_path / "run" / "results.parquet")
+    ad, model = tiny_llava, tiny_llava.model
+    for sample in runner.RunContext(cfg=cfg, run_dir=tmp_path / "run").samples:
+        batch = ad.prepare([sample.load_image()], [ad.prompt("classification", sample.category)])
+        ids = batch.inputs["input_ids"][0]
+        image_pos = torch.nonzero(ids == model.config.image_token_id).flatten()
+        keys = image_pos[hand_object_tokens(sample)]
+        T = len(ids)
+        allowed = torch.ones(T, T).tril().bool()
+        allowed[int(image_pos.max()) + 1:, keys] = False
+        mask = torch.zeros(1, 1, T, T).masked_fill(~allowed, torch.finfo(torch.float32).min)
+        with torch.no_grad():
+            logits = model(**{k: v for k, v in batch.inputs.items() if k != "attention_mask"},
+                           attention_mask=mask).logits[:, -1].float()
+            clean = model(**batch.inputs).logits[:, -1].float()
+        p_yes, p_clean = (float(yes_probability(ad, torch.log_softmax(x, -1))[0]) for x in (logits, clean))
+        rows = df[df.sample_id == sample.sample_id].set_index("condition")
+        assert int(rows.loc["knockout:object:layers=0-1", "knockout_keys"]) == len(keys) > 0
+        assert float(rows.loc["knockout:object:layers=0-1", "p_yes"]) == pytest.approx(p_yes, abs=1e-5)
+        assert float(rows.loc["baseline", "p_yes"]) == pytest.approx(p_clean, abs=1e-5)
+        assert abs(p_yes - p_clean) > 1e-4  # the block changes the answer's probability: the check can fail

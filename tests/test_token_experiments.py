@@ -5,7 +5,7 @@ from __future__ import annotations
 import pandas as pd
 import pytest
 
-from conftest import compose_cfg
+from conftest import compose_cfg, hand_object_tokens
 from vlmloc import app, runner
 from vlmloc.experiments import token_ablation
 
@@ -36,25 +36,6 @@ def test_token_ablation_end_to_end(model, tmp_path, monkeypatch):
     monkeypatch.setattr(runner, "load_adapter", lambda cfg: pytest.fail("a finished run must not load the model"))
     app.run(cfg, run_dir)
     pd.testing.assert_frame_equal(pd.read_parquet(run_dir / "results.parquet"), df)
-
-
-def _hand_object_tokens(sample, grid: int = 24) -> list[int]:
-    """Row-major token indices whose cell of LLaVA's padded square overlaps a mask pixel, brute force."""
-    mask = sample.mask()
-    h, w = mask.shape
-    side = max(w, h)
-    left, top = (side - w) // 2, (side - h) // 2
-    cell = side / grid
-    out = []
-    for r in range(grid):
-        for c in range(grid):
-            x0, x1 = c * cell - left, (c + 1) * cell - left  # the cell in original pixels
-            y0, y1 = r * cell - top, (r + 1) * cell - top
-            cols = [j for j in range(w) if j + 1 > x0 + 1e-9 and j < x1 - 1e-9]
-            rows = [i for i in range(h) if i + 1 > y0 + 1e-9 and i < y1 - 1e-9]
-            if cols and rows and mask[rows[0]:rows[-1] + 1, cols[0]:cols[-1] + 1].any():
-                out.append(r * grid + c)
-    return out
 
 
 def test_token_ablation_rows_equal_a_forward_edited_by_hand(tmp_path, tiny_llava):
@@ -97,7 +78,7 @@ def test_token_ablation_rows_equal_a_forward_edited_by_hand(tmp_path, tiny_llava
         with torch.no_grad():
             embeds = model.get_input_embeddings()(inputs["input_ids"]).clone()
             embeds[0, image_pos] = proj.to(embeds.dtype)
-            obj = _hand_object_tokens(sample)
+            obj = hand_object_tokens(sample)
             embeds[0, image_pos[obj]] = mean.to(embeds.dtype)
             logits = model(inputs_embeds=embeds, attention_mask=inputs["attention_mask"]).logits[:, -1].float()
         p_yes = float(yes_probability(ad, torch.log_softmax(logits, -1))[0])
