@@ -44,3 +44,17 @@ def test_the_submitit_launcher_names_each_jobs_output_folder_and_leaves_no_liter
     assert [p.name for p in submitit.iterdir()] == [job["launcher_output"].rsplit("/", 1)[-1]]
     assert f"stdout and stderr: {job['launcher_output']}/" in out.stdout
     assert any(p.name.endswith("_log.out") for p in submitit.glob("*/*"))
+
+
+def test_a_reused_sweep_folder_reports_only_this_sweeps_jobs(tmp_path):
+    # the README's whole-paper run: every step a sweep into one folder, run dirs named by run_name
+    fixed = (f"hydra.sweep.dir={tmp_path}/paper", "hydra.sweep.subdir=${run_name}", "data.n=1")
+    first = _sweep(tmp_path, *fixed)
+    assert first.returncode == 0, first.stderr[-2000:]
+    second = _sweep(tmp_path, *fixed, "run_name=second")
+    assert second.returncode == 0, second.stderr[-2000:]
+    report = second.stdout[second.stdout.index("\nsweep "):]
+    assert f"sweep {tmp_path}/paper: 1 job(s)" in report and f"run dir: {tmp_path}/paper/second" in report
+    assert "baseline-tiny_llava-synthetic" not in report and report.rstrip().endswith("sweep: 1 of 1 job(s) done")
+    assert sorted(p.parent.name for p in (tmp_path / "paper").rglob("job-*.json")) == [
+        "baseline-tiny_llava-synthetic", "second"]

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +37,7 @@ def record_job(run_dir: Path, hydra_cfg: Any, status: str, error: str | None = N
         "run_dir": str(run_dir),
         "log": str(run_dir / f"{hydra_cfg.job.name}.log"),
         "launcher_output": launcher_dir,
+        "written": time.time(),  # the report keeps its own sweep's jobs when a sweep dir is reused
     }
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / JOB_FILE.format(num=record["num"])).write_text(json.dumps(record, indent=2))
@@ -46,9 +48,15 @@ def _tables(run_dir: Path) -> str:
     return "\n".join(f"{t.name}:\n{t.read_text().rstrip()}" for t in sorted(run_dir.glob("*.md")))
 
 
-def sweep_report(sweep_dir: Path) -> tuple[str, int]:
-    """The report text for a finished sweep and the exit status it calls for (0, 1 or 2)."""
-    records = sorted((json.loads(p.read_text()) for p in sweep_dir.rglob(JOB_FILE.format(num="*"))), key=lambda r: r["num"])
+def sweep_report(sweep_dir: Path, since: float | None = None) -> tuple[str, int]:
+    """The report text for a finished sweep and the exit status it calls for (0, 1 or 2).
+
+    since: the sweep's start (time.time()); job records written before it belong to an earlier
+    sweep into the same folder (a fixed hydra.sweep.dir, as the README's whole-paper run uses)."""
+    records = [json.loads(p.read_text()) for p in sweep_dir.rglob(JOB_FILE.format(num="*"))]
+    if since is not None:  # one second of slack for the clocks of other hosts
+        records = [r for r in records if float(r.get("written", since)) >= since - 1.0]
+    records.sort(key=lambda r: r["num"])
     lines = [f"\nsweep {sweep_dir}: {len(records)} job(s)"]
     for r in records:
         lines.append(f"\n#{r['num']} {' '.join(r['overrides'])}: {r['status']}")
@@ -71,6 +79,12 @@ def sweep_report(sweep_dir: Path) -> tuple[str, int]:
 class SweepSummary(Callback):
     """Prints `sweep_report` when a multirun ends and removes the empty folder submitit names `%j`."""
 
+    def __init__(self) -> None:
+        self.started: float | None = None
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        self.started = time.time()
+
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         sweep_dir = Path(str(config.hydra.sweep.dir))
         folder = config.hydra.launcher.get("submitit_folder") if "launcher" in config.hydra else None
@@ -78,7 +92,7 @@ class SweepSummary(Callback):
             literal = Path(str(folder))  # submitit creates the unexpanded path once, and leaves it empty
             if literal.is_dir() and not any(literal.iterdir()):
                 literal.rmdir()
-        text, status = sweep_report(sweep_dir)
+        text, status = sweep_report(sweep_dir, since=self.started)
         print(text, flush=True)
         if status:
             sys.exit(status)
