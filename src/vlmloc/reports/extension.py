@@ -180,6 +180,11 @@ def plot_examples(loc: pd.DataFrame, examples: Sequence[Sample], pads: Sequence[
 # --------------------------------------------------------------------------- entry point
 
 
+# experiment.cell -> what a GT growth cell is, for the caption
+CELL_TEXT = {"global": "the global view's token grid (experiment.cell=global)",
+             "local": "the finest token grid, InternVL's local canvas (experiment.cell=local)"}
+
+
 def write(
     results: pd.DataFrame,
     run_dir: Path,
@@ -211,8 +216,8 @@ def write(
             (
                 "Rows: the object's token region grown by p rings filled with the object's own tokens "
                 "(p = 0: clean model). Columns: localization accuracy (%, mean over IoU 0.5/0.7/0.9) of the "
-                "predicted box against the ground-truth box grown by q cells of the finest token grid on "
-                "every side and clipped to the image (mean linear scale factor in brackets). best q: the "
+                f"predicted box against the ground-truth box grown by q cells of {CELL_TEXT[str(cfg.experiment.cell)]} "
+                "on every side and clipped to the image (mean linear scale factor in brackets). best q: the "
                 "column with the highest accuracy (blank on a tie); pred/GT size: median sqrt(predicted area / GT area)."
             ),
             "",
