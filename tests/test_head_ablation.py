@@ -288,3 +288,43 @@ def test_head_ablation_end_to_end(model, request, tmp_path, monkeypatch):
     monkeypatch.setattr(runner, "load_adapter", lambda mcfg: pytest.fail("a finished run must not load the model"))
     app.run(cfg, run_dir)
     pd.testing.assert_frame_equal(pd.read_parquet(run_dir / "results.parquet"), df)
+
+
+def test_head_ablation_rows_equal_a_forward_with_the_head_zeroed_by_hand(tiny_llava, tmp_path):
+    """heads:top:k=1 with ablation=zero: classification's top head in the hand-made MF frame is
+    (layer 0, head 3); its stored P(yes) equals a forward whose o_proj input slice of that head is
+    zeroed at every position by a hook registered here."""
+    from vlmloc.engine.readout import yes_probability
+
+    cma = tmp_path / "cma"
+    cma.mkdir()
+    tiny_mf().to_parquet(cma / "mf.parquet")
+    cfg = compose_cfg("experiment=head_ablation", "model=tiny_llava", f"experiment.cma_dir={cma}", "experiment.ks=[1]",
+                      "experiment.ablation=zero", "tasks=[classification]", "data=synthetic", "data.n=2",
+                      "data.synthetic.n_images=4", data_dir=tmp_path / "data")
+    app.run(cfg, tmp_path / "run", adapter=tiny_llava)
+    df = pd.read_parquet(tmp_path / "run" / "results.parquet")
+    ad, model = tiny_llava, tiny_llava.model
+    d = ad.head_dim
+    o_proj = model.model.language_model.layers[0].self_attn.o_proj
+
+    def zero_head_3(module, args):
+        x = args[0].clone()
+        x[..., 3 * d:4 * d] = 0
+        return (x,)
+
+    for sample in runner.RunContext(cfg=cfg, run_dir=tmp_path / "run").samples:
+        batch = ad.prepare([sample.load_image()], [ad.prompt("classification", sample.category)])
+        handle = o_proj.register_forward_pre_hook(zero_head_3)
+        try:
+            with torch.no_grad():
+                logits = model(**batch.inputs).logits[:, -1].float()
+        finally:
+            handle.remove()
+        with torch.no_grad():
+            clean = model(**batch.inputs).logits[:, -1].float()
+        p_zero, p_clean = (float(yes_probability(ad, torch.log_softmax(x, -1))[0]) for x in (logits, clean))
+        rows = df[df.sample_id == sample.sample_id].set_index("condition")
+        assert float(rows.loc["heads:top:k=1", "p_yes"]) == pytest.approx(p_zero, abs=1e-5)
+        assert float(rows.loc["baseline", "p_yes"]) == pytest.approx(p_clean, abs=1e-5)
+        assert abs(p_zero - p_clean) > 1e-5  # the ablation moves P(yes): the check can fail
