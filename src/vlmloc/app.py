@@ -32,6 +32,9 @@ def check_root_config(cfg: DictConfig) -> None:
     bs = cfg.get("batch_size")
     if isinstance(bs, bool) or not isinstance(bs, int) or bs < 1:
         raise ConfigError(f"batch_size must be an integer >= 1, got {bs!r}")
+    bt = cfg.get("batch_tokens")
+    if bt is not None and (isinstance(bt, bool) or not isinstance(bt, int) or bt < 1):
+        raise ConfigError(f"batch_tokens must be an integer >= 1 or null (= batch_size alone), got {bt!r}")
     n = cfg.get("data", {}).get("n")
     if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 1):
         raise ConfigError(f"data.n must be an integer >= 1 or null (= every sample), got {n!r}")

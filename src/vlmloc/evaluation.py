@@ -26,6 +26,7 @@ from collections.abc import Callable, Collection, Iterator, Sequence
 from typing import Any
 
 import pandas as pd
+import torch
 from tqdm.auto import tqdm
 
 from vlmloc import geometry
@@ -84,9 +85,30 @@ def intervene(
         yield
 
 
-def _batches(order: list[int], batch_size: int) -> Iterator[list[int]]:
-    for start in range(0, len(order), batch_size):
-        yield order[start : start + batch_size]
+def _batches(order: list[int], batch_size: int, cost: Sequence[int] | None = None,
+             batch_tokens: int | None = None) -> Iterator[list[int]]:
+    """Consecutive runs of `order` of at most `batch_size` rows and, with `batch_tokens`, at most
+    that many padded tokens (rows x the longest row's `cost`: prompt plus generated tokens)."""
+    batch: list[int] = []
+    longest = 0
+    for i in order:
+        longer = max(longest, cost[i]) if cost is not None else 0
+        full = len(batch) >= batch_size or (
+            batch_tokens is not None and batch and (len(batch) + 1) * longer > batch_tokens)
+        if full:
+            yield batch
+            batch, longer = [], cost[i] if cost is not None else 0
+        batch.append(i)
+        longest = longer
+    if batch:
+        yield batch
+
+
+def row_tokens(adapter: VLMAdapter, sample: Sample, task: str, mode: str | None = None) -> int:
+    """Tokens one row's call holds: its visual tokens, its prompt's text tokens and what it may generate."""
+    text = adapter.prompt(task, sample.category, mode).replace(adapter.image_placeholder, "")
+    return (adapter.n_visual_tokens(sample.width, sample.height) + len(adapter.tokenizer(text).input_ids)
+            + max_new_tokens(adapter, task, mode))
 
 
 def evaluate(
@@ -102,11 +124,16 @@ def evaluate(
     flush_seconds: float = 0.0,
     resources: Resources | None = None,
     classification_mode: str | None = None,
+    batch_tokens: int | None = None,
 ) -> pd.DataFrame:
     """One row per sample x task x condition measured on the task (results schema), minus keys in `skip`.
 
     classification_mode: list | yes_no | open instead of the model's `classification.mode`
     (make_pairs' filter asks CMA's yes/no question).
+
+    batch_tokens: a call holds at most `batch_size` rows and at most this many padded tokens
+    (rows x (prompt + generated tokens)); None = `batch_size` alone. A call that runs out of GPU
+    memory is split in two and retried, and later calls of the task keep the smaller size (logged).
 
     resources: the named inputs the conditions read (`Condition.resources`); "adapter" and
     "new_tokens" are always provided here.
@@ -138,31 +165,25 @@ def evaluate(
         unsent: list[int] = []
         last_flush = t0 = time.monotonic()
         order = length_order(adapter, items, task, mode)
+        cost = [row_tokens(adapter, s, task, mode) for s, _ in items] if batch_tokens is not None else None
         bar = tqdm(total=len(order), desc=task, disable=not progress, leave=False)
-        for idx in _batches(order, batch_size):
-            chunk = [items[i] for i in idx]
-            images = {s.sample_id: s.load_image() for s, _ in chunk}
-            batch = adapter.prepare([images[s.sample_id] for s, _ in chunk],
-                                    [adapter.prompt(task, s.category, mode) for s, _ in chunk])
-            rows_in = list(zip(chunk, batch.layouts))
-            realized = [realize(c, s, lay, task, batch.seq_len, named) for (s, c), lay in rows_in]
-            edits = [r.edits for r in realized]
-            kos = [r.knockout for r in realized]
-            heads = [r.heads for r in realized]
-            with intervene(adapter, edits, kos, heads):
-                results = _run_task(adapter, batch, [s for s, _ in chunk], task, mode)
-            for i, (sample, cond), res, layout, row_edits, ko, row_heads in zip(idx, chunk, results, batch.layouts, edits, kos, heads):
-                n_edited = sum(e.n for e in row_edits)
-                rows[i] = {
-                    **_base_row(sample, task, cond.name),
-                    **res,
-                    "n_visual": layout.n_visual,
-                    "n_edited": n_edited,
-                    "frac_edited": n_edited / layout.n_visual,
-                    **({"knockout_keys": 0 if ko.empty else len(ko.keys)} if with_knockout else {}),
-                    **({"heads_edited": len({(e.layer, e.head) for e in row_heads})} if with_heads else {}),
-                    **dict(cond.columns),
-                }
+        tokens, queue = batch_tokens, list(_batches(order, batch_size, cost, batch_tokens))
+        while queue:
+            idx = queue.pop(0)
+            try:
+                rows.update(_run_rows(adapter, items, idx, task, mode, named, with_knockout, with_heads))
+            except torch.cuda.OutOfMemoryError:
+                if len(idx) == 1:
+                    raise
+                torch.cuda.empty_cache()
+                size = len(idx) // 2
+                rest = [i for b in queue for i in b]
+                log.warning("%s: out of GPU memory on %d rows; retrying them in halves and running the rest of the "
+                            "task %d rows per call (set batch_size or batch_tokens lower to avoid the retry)",
+                            task, len(idx), size)
+                tokens = None if tokens is None else max(1, tokens * size // len(idx))
+                queue = [idx[:size], idx[size:]] + list(_batches(rest, size, cost, tokens))
+                continue
             bar.update(len(idx))
             unsent += list(idx)
             if sink is not None and time.monotonic() - last_flush >= flush_seconds:
@@ -175,6 +196,35 @@ def evaluate(
             sink(pd.DataFrame([rows[i] for i in sorted(unsent)]))
         frames.append(pd.DataFrame([rows[i] for i in range(len(items))]))
     return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
+
+
+def _run_rows(adapter: VLMAdapter, items: Sequence[tuple[Sample, Condition]], idx: Sequence[int], task: str,
+              mode: str | None, named: Resources, with_knockout: bool, with_heads: bool) -> dict[int, dict[str, Any]]:
+    """The rows of items[idx]: one forward pass or generate call with each row's interventions."""
+    chunk = [items[i] for i in idx]
+    images = {s.sample_id: s.load_image() for s, _ in chunk}
+    batch = adapter.prepare([images[s.sample_id] for s, _ in chunk],
+                            [adapter.prompt(task, s.category, mode) for s, _ in chunk])
+    realized = [realize(c, s, lay, task, batch.seq_len, named) for (s, c), lay in zip(chunk, batch.layouts)]
+    edits = [r.edits for r in realized]
+    kos = [r.knockout for r in realized]
+    heads = [r.heads for r in realized]
+    with intervene(adapter, edits, kos, heads):
+        results = _run_task(adapter, batch, [s for s, _ in chunk], task, mode)
+    rows = {}
+    for i, (sample, cond), res, layout, row_edits, ko, row_heads in zip(idx, chunk, results, batch.layouts, edits, kos, heads):
+        n_edited = sum(e.n for e in row_edits)
+        rows[i] = {
+            **_base_row(sample, task, cond.name),
+            **res,
+            "n_visual": layout.n_visual,
+            "n_edited": n_edited,
+            "frac_edited": n_edited / layout.n_visual,
+            **({"knockout_keys": 0 if ko.empty else len(ko.keys)} if with_knockout else {}),
+            **({"heads_edited": len({(e.layer, e.head) for e in row_heads})} if with_heads else {}),
+            **dict(cond.columns),
+        }
+    return rows
 
 
 def _base_row(sample: Sample, task: str, condition: str) -> dict[str, Any]:

@@ -157,8 +157,10 @@ class RunContext:
         def sink(rows: pd.DataFrame) -> None:
             self.store.add(extra(rows))
 
+        tokens = self.cfg.get("batch_tokens")
         df = evaluate(self.adapter, samples, tasks, batch_size=int(self.cfg.batch_size), conditions=conditions,
-                      skip=skip, sink=sink, flush_seconds=float(self.cfg.results.flush_seconds), resources=self.resources)
+                      skip=skip, sink=sink, flush_seconds=float(self.cfg.results.flush_seconds), resources=self.resources,
+                      batch_tokens=None if tokens is None else int(tokens))
         df = extra(df) if len(df) else df
         return pd.concat([reused, df], ignore_index=True) if len(reused) else df
 
