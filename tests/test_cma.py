@@ -219,7 +219,7 @@ def test_product_probability_of_a_long_answer_is_finite_and_its_mf_exact(tiny_ll
     np.testing.assert_allclose(mf, [(hand[1] - hand[2]) / (hand[1] - hand[0])], rtol=1e-4)
 
 
-def test_cma_sharded_by_pair_merges_to_the_single_process_result(tmp_path, tiny_llava):
+def test_cma_sharded_by_pair_merges_to_the_single_process_result(tmp_path, tiny_llava, monkeypatch):
     from vlmloc.shards import shard_of
 
     pairs_dir, samples = _make_pairs_dir(tmp_path, tmp_path / "data", n=5)
@@ -243,6 +243,15 @@ def test_cma_sharded_by_pair_merges_to_the_single_process_result(tmp_path, tiny_
     pd.testing.assert_frame_equal(mf, one_mf, check_dtype=False, atol=1e-6)
     pd.testing.assert_frame_equal(left, one_left, check_dtype=False)
     assert summary == one_summary
+    # after a crash before the merge, shard.merge_only=true merges and reports, computing nothing
+    for name in ("mf.parquet", "cma_summary.md"):
+        (tmp_path / "two" / name).unlink()
+    monkeypatch.setattr(runner, "load_adapter", lambda cfg: pytest.fail("a merge must not load the model"))
+    app.run(compose_cfg(*base, "shard.count=2", "shard.merge_only=true", data_dir=tmp_path / "data"), tmp_path / "two",
+            adapter=None)
+    again = pd.read_parquet(tmp_path / "two" / "mf.parquet").sort_values(key).reset_index(drop=True)
+    pd.testing.assert_frame_equal(again, mf)
+    assert (tmp_path / "two" / "cma_summary.md").read_text() == one_summary
     # each shard analysed only its own pairs
     for i in range(2):
         own = pd.read_parquet(tmp_path / "two" / f"mf.shard-{i}-of-2.parquet")
