@@ -264,9 +264,10 @@ def test_provenance_keys_and_json():
     expected = {
         "config", "git_commit", "git_dirty", "versions", "platform", "hostname",
         "cuda_device_name", "model_id", "model_revision", "dtype", "attn_implementation",
-        "device", "seed", "start_time", "wall_time_s",
+        "device", "seed", "start_time", "wall_time_s", "gpu_peak_memory_gb",
     }
     assert expected <= set(prov)
+    assert prov["gpu_peak_memory_gb"] is None  # no GPU used here
     json.dumps(prov, allow_nan=False)  # plain JSON, nothing left to a default=
     assert prov["config"]["out"] == "llava_run"  # resolved
     assert set(prov["versions"]) >= {

@@ -90,6 +90,19 @@ def _iso(ts: float) -> str:
     return datetime.fromtimestamp(ts, tz=timezone.utc).isoformat(timespec="seconds")
 
 
+def _gpu_peak_gb() -> float | None:
+    """Peak GPU memory allocated by this process so far (GB), if it used a GPU."""
+    torch = sys.modules.get("torch")  # as _cuda_device_name: no import for a run that never used torch
+    if torch is None:
+        return None
+    try:
+        if torch.cuda.is_available() and torch.cuda.is_initialized():
+            return round(max(torch.cuda.max_memory_allocated(i) for i in range(torch.cuda.device_count())) / 1e9, 2)
+    except Exception:  # noqa: BLE001 - provenance never fails a run
+        return None
+    return None
+
+
 def provenance(
     cfg: Any,
     *,
@@ -120,6 +133,7 @@ def provenance(
         "platform": platform.platform(),
         "hostname": socket.gethostname(),
         "cuda_device_name": _cuda_device_name(),
+        "gpu_peak_memory_gb": _gpu_peak_gb(),
         "model_id": model_id,
         "model_revision": revision,
         "model_info": info,

@@ -1,0 +1,129 @@
+"""Every experiment through the CLI on a random-weight checkpoint of a real config, extrapolated to the paper's scale.
+
+Builds (once) a random-weight checkpoint from a folder holding a real checkpoint's config and
+tokenizer/processor files (`bench_shards.build_checkpoint`), then runs each experiment with
+`python -m vlmloc` on a small n, and prints one JSON line per experiment and a markdown table:
+the run's wall time (run.json `wall_time_s`, model load included), the same for a one-object
+run of the same command (`startup_s`: load and fixed costs), the time per unit
+((wall - startup) / units), the paper-scale extrapolation (2,248 objects; 50 CMA pairs; 50k x 10
+epochs + 10k probe images) and the peak GPU memory (run.json `gpu_peak_memory_gb`).
+
+    PYTHONPATH=src python scripts/bench_paper.py --config-dir ../shared/real_configs/llava-1.5-7b-hf \\
+        --out /tmp/bench [--experiments baseline,knockout] [--scale 0.5] [override ...]
+
+Weights are random: timings depend on shapes, not values; random weights never emit EOS, so every
+generated answer runs its full length (the worst case).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_shards import all_pairs, build_checkpoint  # noqa: E402
+
+PAPER_OBJECTS = 2248  # the paper's COCO objects (PAPER.md)
+PAPER_PAIRS = 50
+PAPER_PROBE_IMAGES = 50_000 * 10 + 10_000  # train x epochs + test
+
+# experiment -> (overrides, unit, paper-scale units, n: objects / pairs / probe images of the
+# timed run; enough that batching is amortised, few enough for one GPU call)
+PLAN: dict[str, tuple[list[str], str, int, int]] = {
+    "baseline": ([], "object", PAPER_OBJECTS, 64),
+    "token_ablation": ([], "object", PAPER_OBJECTS, 8),
+    "shuffle": ([], "object", PAPER_OBJECTS, 32),
+    "extension": ([], "object", PAPER_OBJECTS, 32),
+    "knockout": ([], "object", PAPER_OBJECTS, 4),
+    "cma_text": (["experiment=cma", "experiment.positions=text", "experiment.localization_source_min_iou=null"],
+                 "pair", PAPER_PAIRS, 4),
+    "cma_all": (["experiment=cma", "experiment.positions=all", "experiment.localization_source_min_iou=null"],
+                "pair", PAPER_PAIRS, 4),
+    "position_probe": (["experiment.probe.trainer=torch", "experiment.probe.epoch_mode=rerun",
+                        "experiment.probe.epochs=2"], "image-epoch", PAPER_PROBE_IMAGES, 40),
+}
+
+
+def cli(args: list[str], env: dict[str, str], log: Path) -> float:
+    t0 = time.perf_counter()
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with log.open("w") as f:
+        subprocess.run([sys.executable, "-m", "vlmloc", *args], check=True, env=env, stdout=f, stderr=subprocess.STDOUT)
+    return time.perf_counter() - t0
+
+
+def run_info(run_dir: Path) -> dict:
+    return json.loads((run_dir / "run.json").read_text())
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--config-dir", type=Path, required=True)
+    ap.add_argument("--checkpoint", type=Path, default=Path("/tmp/vlmloc-random-checkpoint"))
+    ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--model", default="llava7b")
+    ap.add_argument("--experiments", default=",".join(PLAN))
+    ap.add_argument("--scale", type=float, default=1.0, help="multiply every experiment's n (e.g. 0.25 for a quick check)")
+    ap.add_argument("overrides", nargs="*")
+    a = ap.parse_args()
+    build_s = build_checkpoint(a.config_dir, a.checkpoint)
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    common = [f"model={a.model}", f"model.path={a.checkpoint}", f"paths.cache_dir={a.out}/cache",
+              f"paths.data_dir={a.out}/data", "data=synthetic", *a.overrides]
+    pairs_dir = a.out / "pairs"
+    rows = []
+    for name in a.experiments.split(","):
+        extra, unit, paper, n = PLAN[name]
+        n = max(2, round(n * a.scale))
+        exp = [] if any(o.startswith("experiment=") for o in extra) else [f"experiment={name}"]
+        if unit == "pair":
+            if not (pairs_dir / "manifest.parquet").exists():
+                cli([*common, "experiment=make_pairs", "inpaint=oracle", f"data.n={n}",
+                     "experiment.figure_examples=0", f"hydra.run.dir={pairs_dir}"], env, a.out / "make_pairs.log")
+                all_pairs(pairs_dir)
+            data = ["data=pairs", f"data.pairs_dir={pairs_dir}"]
+            sizes = (1, n)
+        elif unit == "image-epoch":
+            data = [f"data.synthetic.n_images={n}", "data.n=null"]
+            sizes = None
+        else:
+            data = []
+            sizes = (1, n)
+        args = [*common, *exp, *extra, *data]
+        if sizes is None:  # probes: a run with 2 epochs and one with 1; the difference is one epoch
+            one = run_info_of(args + ["experiment.probe.epochs=1"], a.out / f"{name}-1", env)
+            full = run_info_of(args, a.out / name, env)
+            n_train = int(full["data"]["n_train"])
+            units = n_train  # one more epoch over the training images
+            startup = float(one["wall_time_s"])
+        else:
+            small = run_info_of(args + [f"data.n={sizes[0]}"], a.out / f"{name}-1", env)
+            full = run_info_of(args + [f"data.n={sizes[1]}"], a.out / name, env)
+            units = sizes[1] - sizes[0]
+            startup = float(small["wall_time_s"])
+        wall = float(full["wall_time_s"])
+        per_unit = (wall - startup) / units
+        row = {"experiment": name, "unit": unit, "wall_s": round(wall, 1), "startup_s": round(startup, 1),
+               "per_unit_s": round(per_unit, 3), "paper_units": paper,
+               "paper_scale_min": round(per_unit * paper / 60, 1), "gpu_peak_gb": full.get("gpu_peak_memory_gb")}
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    print(json.dumps({"build_checkpoint_s": round(build_s, 1)}))
+    print("\n| experiment | unit | per unit | paper scale | peak GPU memory |\n|---|---|---:|---:|---:|")
+    for r in rows:
+        print(f"| {r['experiment']} | {r['unit']} | {r['per_unit_s']:.3f} s | {r['paper_scale_min']:.1f} min "
+              f"({r['paper_units']:,} {r['unit']}s) | {r['gpu_peak_gb']} GB |")
+
+
+def run_info_of(args: list[str], run_dir: Path, env: dict[str, str]) -> dict:
+    cli([*args, f"hydra.run.dir={run_dir}"], env, run_dir.with_suffix(".log"))
+    return run_info(run_dir)
+
+
+if __name__ == "__main__":
+    main()
