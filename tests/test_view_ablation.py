@@ -151,3 +151,60 @@ def test_view_ablation_end_to_end_tiny_internvl(tiny_internvl, tmp_path, monkeyp
     md = (run_dir / report.TABLE_FILE).read_text()
     assert "Change vs baseline" in md and "object_tokens:view=local" in md
     assert "# View ablation (Table 3)" in capsys.readouterr().out
+
+
+def _thumbnail_object_tokens(sample, grid: int) -> list[int]:
+    """Token indices of the thumbnail (the whole image squeezed to one tile, grid x grid cells of
+    W/grid x H/grid original pixels) whose cell overlaps a mask pixel, brute force."""
+    mask = sample.mask()
+    h, w = mask.shape
+    out = []
+    for r in range(grid):
+        for c in range(grid):
+            x0, x1, y0, y1 = c * w / grid, (c + 1) * w / grid, r * h / grid, (r + 1) * h / grid
+            cols = [j for j in range(w) if j + 1 > x0 + 1e-9 and j < x1 - 1e-9]
+            rows = [i for i in range(h) if i + 1 > y0 + 1e-9 and i < y1 - 1e-9]
+            if mask[rows[0]:rows[-1] + 1, cols[0]:cols[-1] + 1].any():
+                out.append(r * grid + c)
+    return out
+
+
+def test_global_view_rows_equal_a_forward_with_the_thumbnail_edited_by_hand(tiny_internvl, tmp_path):
+    """object_tokens:view=global replaces the object's tokens of the thumbnail (the last tile) with
+    the mean embedding: its stored P(yes) equals a forward whose LM input the test edits itself."""
+    from vlmloc.engine.readout import yes_probability
+    from vlmloc.runner import RunContext
+
+    cfg = compose_cfg("experiment=view_ablation", "model=tiny_internvl", "data=synthetic", "data.n=2",
+                      "data.synthetic.n_images=4", "data.synthetic.width=[480,520]", "data.synthetic.height=[240,250]",
+                      "tasks=[classification]", "mean_embedding.n_images=2", f"paths.cache_dir={tmp_path / 'cache'}",
+                      data_dir=tmp_path)
+    app.run(cfg, tmp_path / "run", adapter=tiny_internvl)
+    df = pd.read_parquet(tmp_path / "run" / "results.parquet")
+    (mean_file,) = (tmp_path / "cache" / "mean_embedding").glob("*.pt")
+    mean = torch.load(mean_file)
+    ad, model = tiny_internvl, tiny_internvl.model
+    for sample in RunContext(cfg=cfg, run_dir=tmp_path / "run").samples:
+        batch = ad.prepare([sample.load_image()], [ad.prompt("classification", sample.category)])
+        image_pos = torch.nonzero(batch.inputs["input_ids"][0] == model.config.image_token_id).flatten()
+        per_tile = int(ad.processor.image_seq_length)
+        assert len(image_pos) == 3 * per_tile  # two local crops and the thumbnail
+        grid = int(round(per_tile ** 0.5))
+        thumb = image_pos[2 * per_tile:][_thumbnail_object_tokens(sample, grid)]
+
+        def edit(module, args, kwargs):
+            kwargs["inputs_embeds"] = kwargs["inputs_embeds"].clone()
+            kwargs["inputs_embeds"][0, thumb] = mean.to(kwargs["inputs_embeds"].dtype)
+            return args, kwargs
+
+        handle = model.model.language_model.register_forward_pre_hook(edit, with_kwargs=True)
+        try:
+            with torch.no_grad():
+                logits = model(**batch.inputs).logits[:, -1].float()
+        finally:
+            handle.remove()
+        p_yes = float(yes_probability(ad, torch.log_softmax(logits, -1))[0])
+        rows = df[df.sample_id == sample.sample_id].set_index("condition")
+        assert int(rows.loc["object_tokens:view=global", "n_edited"]) == len(thumb) > 0
+        assert float(rows.loc["object_tokens:view=global", "p_yes"]) == pytest.approx(p_yes, abs=1e-5)
+        assert abs(p_yes - float(rows.loc["baseline", "p_yes"])) > 1e-6  # the edit moves P(yes)
