@@ -197,6 +197,36 @@ def test_training_examples_use_the_evaluation_prompts_and_answer_formats(fresh_l
     assert not math.isnan(dataset[0]["token_targets"].sum().item())
 
 
+def test_the_list_question_names_the_scenes_categories_in_reading_order(fresh_llava):
+    """data.list_objects: one list-prompt question per scene, its answer the categories ordered by
+    each object's box top then left (hand-sorted here), each once; packing still equals the
+    single-question forward."""
+    from omegaconf import OmegaConf
+
+    from vlmloc.training.data import PackedScenes, object_box, render_train_scene, scene_questions
+    from vlmloc.training.loop import check_packing
+
+    adapter, _, params = fresh_llava
+    list_cfg = OmegaConf.merge(adapter.cfg, {"classification": {"mode": "list"}})
+    image, spec = render_train_scene(params, "train", 7)
+    questions = scene_questions(adapter, spec, params.categories, np.random.default_rng(0), list_objects=True)
+    (listed,) = [q for q in questions if q.mode == "list"]
+    order = sorted(spec["objects"], key=lambda o: (object_box(o["polygon"])[1], object_box(o["polygon"])[0]))
+    expected = []
+    for o in order:
+        if o["category"] not in expected:
+            expected.append(o["category"])
+    assert listed.answer == ", ".join(expected) and listed.task == "classification"
+    assert len(questions) == 1 + len(scene_questions(adapter, spec, params.categories, np.random.default_rng(0)))
+    dataset = PackedScenes(adapter, params, "train", seed=0, list_objects=True)
+    ids, n_prompt = dataset.encoder.encode(listed, 1)
+    prompt = str(list_cfg.prompts.template).format(image=adapter.image_placeholder, question=list_cfg.prompts.list)
+    assert adapter.prepare([image], [prompt]).inputs["input_ids"][0].tolist() == ids[:n_prompt]
+    assert adapter.tokenizer.decode(ids[n_prompt:-1]).strip() == listed.answer
+    example = dataset[7]
+    assert check_packing(adapter.model, example, torch.device("cpu")) < 1e-4
+
+
 def test_packed_training_forward_equals_the_single_question_forward(fresh_llava):
     from vlmloc.training.loop import check_packing
 

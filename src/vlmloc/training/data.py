@@ -14,7 +14,8 @@ single-question sequence the evaluation feeds would compute, while the image is 
 Questions per scene: for every object the classification prompt answered with the first yes
 word and the localization prompt answered with `adapter.format_box(box)`; and as many negative
 classification questions (a category absent from the image, answered with the first no word)
-as there are objects, when enough categories are absent. Prompts come from `adapter.prompt`, so
+as there are objects, when enough categories are absent; with `data.list_objects` also the list
+prompt, answered with the scene's categories in reading order (`listed_objects`). Prompts come from `adapter.prompt`, so
 training and evaluation use the same text; answers follow the family's `answer_prefix` and end
 with the tokenizer's end-of-sequence token.
 
@@ -46,8 +47,9 @@ TASK_CODES = {"classification": 1, "localization": 2}  # per-token task tags, fo
 @dataclass(frozen=True)
 class Question:
     task: str  # classification | localization
-    category: str
+    category: str  # "" for the list question
     answer: str  # answer text without the prefix and the end-of-sequence token
+    mode: str = "yes_no"  # classification: yes_no (a category asked about) | list (list the objects)
 
 
 def scene_seed(params: SyntheticParams, split: str, index: int) -> np.random.SeedSequence:
@@ -68,10 +70,19 @@ def object_box(polygon: Sequence[float]) -> tuple[float, float, float, float]:
     return (x, y, x + round(max(xs) - min(xs), 2), y + round(max(ys) - min(ys), 2))
 
 
+def listed_objects(spec: dict[str, Any]) -> str:
+    """A scene's categories in reading order (by the top, then the left edge of each object's box),
+    each once: the answer to the list prompt, "circle, star, square"."""
+    boxes = sorted((object_box(o["polygon"])[1], object_box(o["polygon"])[0], o["category"]) for o in spec["objects"])
+    return ", ".join(dict.fromkeys(cat for _, _, cat in boxes))
+
+
 def scene_questions(
-    adapter: VLMAdapter, spec: dict[str, Any], categories: Sequence[str], rng: np.random.Generator
+    adapter: VLMAdapter, spec: dict[str, Any], categories: Sequence[str], rng: np.random.Generator,
+    list_objects: bool = False,
 ) -> list[Question]:
-    """Positive and negative classification plus localization questions of one scene, shuffled."""
+    """Positive and negative classification plus localization questions of one scene, shuffled;
+    list_objects: also the list prompt (`classification.mode=list`), answered by `listed_objects`."""
     yes = str(adapter.cfg.classification.yes_words[0])
     no = str(adapter.cfg.classification.no_words[0])
     w, h = int(spec["width"]), int(spec["height"])
@@ -86,6 +97,8 @@ def scene_questions(
     n_neg = min(len(spec["objects"]), len(absent))
     for cat in rng.choice(absent, size=n_neg, replace=False) if n_neg else []:
         qs.append(Question("classification", str(cat), no))
+    if list_objects:
+        qs.append(Question("classification", "", listed_objects(spec), mode="list"))
     order = rng.permutation(len(qs))
     return [qs[i] for i in order]
 
@@ -118,7 +131,7 @@ class QuestionEncoder:
 
     def encode(self, q: Question, n_tiles: int) -> tuple[list[int], int]:
         """(ids of prompt + answer + eos with the image expanded, number of prompt ids)."""
-        prompt = self.adapter.prompt(q.task, q.category, mode="yes_no")  # the demo models learn yes/no questions
+        prompt = self.adapter.prompt(q.task, q.category, mode=q.mode)
         prefix = str(self.adapter.cfg.classification.answer_prefix)
         p_ids = self.tok(prompt).input_ids
         full = self.tok(prompt + prefix + q.answer).input_ids
@@ -179,8 +192,10 @@ def token_targets(layout: VisualLayout, spec: dict[str, Any], categories: Sequen
 class PackedScenes(torch.utils.data.Dataset):
     """Scene index -> one packed example (dict of lists / tensors); see the module docstring."""
 
-    def __init__(self, adapter: VLMAdapter, params: SyntheticParams, split: str, seed: int, offset: int = 0) -> None:
+    def __init__(self, adapter: VLMAdapter, params: SyntheticParams, split: str, seed: int, offset: int = 0,
+                 list_objects: bool = False) -> None:
         self.adapter = adapter
+        self.list_objects = bool(list_objects)
         self.params = params
         self.split = split
         self.seed = int(seed)
@@ -201,7 +216,7 @@ class PackedScenes(torch.utils.data.Dataset):
         index = self.offset + int(i)
         image, spec = render_train_scene(self.params, self.split, index)
         rng = np.random.default_rng([self.seed, index, 0x5CE1E])
-        questions = scene_questions(self.adapter, spec, self.params.categories, rng)
+        questions = scene_questions(self.adapter, spec, self.params.categories, rng, self.list_objects)
         pixels = self.pixel_values(image)
         example = pack(self.encoder, questions, pixels, index)
         layout = self.adapter.layout(torch.tensor(example["input_ids"]), image.width, image.height)

@@ -325,7 +325,8 @@ def train(cfg: DictConfig, overrides: Sequence[str] = ()) -> dict[str, Any]:
          config=OmegaConf.to_container(cfg, resolve=True))
 
     # The workers fork (iter(loader)) before CUDA is touched.
-    dataset = PackedScenes(adapter, params, str(cfg.data.split), seed, offset=int(cfg.data.first_scene))
+    dataset = PackedScenes(adapter, params, str(cfg.data.split), seed, offset=int(cfg.data.first_scene),
+                           list_objects=bool(cfg.data.get("list_objects", False)))
     b = int(cfg.data.images_per_step)
     workers = int(cfg.data.num_workers)
     loader = torch.utils.data.DataLoader(
@@ -337,8 +338,8 @@ def train(cfg: DictConfig, overrides: Sequence[str] = ()) -> dict[str, Any]:
     model.to(device)
 
     image, spec = render_train_scene(params, str(cfg.data.split), 10**9)  # beyond any training index
-    example = pack(dataset.encoder, scene_questions(adapter, spec, params.categories, np.random.default_rng(0)),
-                   dataset.pixel_values(image))
+    example = pack(dataset.encoder, scene_questions(adapter, spec, params.categories, np.random.default_rng(0),
+                                                    dataset.list_objects), dataset.pixel_values(image))
     torch.backends.cuda.matmul.allow_tf32 = False
     diff = check_packing(model, example, device)
     logj(event="packing_check", max_abs_logit_diff=diff)
