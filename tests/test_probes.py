@@ -284,6 +284,7 @@ def test_sharded_probes_train_on_disjoint_images_and_merge_to_the_mean_of_their_
     info = json.loads((run_dir / "run.json").read_text())
     owned = [[p for p in split.train if shard_of(p.relative_to(folder).as_posix(), 2) == i] for i in range(2)]
     assert [s["n_train_images"] for s in info["position_probe"]["shards"]] == [len(o) for o in owned]
+    assert [s["shard"]["index"] for s in info["shards"]] == [0, 1]  # every shard's own provenance
     assert sum(len(o) for o in owned) == len(split.train) and all(owned)
     assert info["position_probe"]["trainer"] == "torch" and info["position_probe"]["n_test_images"] == len(split.test)
     acc = pd.read_parquet(run_dir / pp.ACCURACY_FILE).set_index(["stage", "view", "target"])

@@ -160,7 +160,8 @@ def _write_parquet(df: pd.DataFrame, path: Path) -> None:
     atomic_write(path, lambda f: pq.write_table(table, f))
 
 
-def _write_provenance(ctx: RunContext, split: ImageSplit, extra: Mapping[str, Any], filename: str = "run.json") -> None:
+def _write_provenance(ctx: RunContext, split: ImageSplit, extra: Mapping[str, Any], filename: str = "run.json",
+                      shards: list[Any] | None = None) -> None:
     ad = ctx.adapter
     cfg = ctx.cfg
     model_info = {
@@ -178,6 +179,8 @@ def _write_provenance(ctx: RunContext, split: ImageSplit, extra: Mapping[str, An
     info["position_probe"] = dict(extra)
     if ctx.shard.sharded and filename != "run.json":
         info["shard"] = {"index": ctx.shard.index, "count": ctx.shard.count, "n_train_images": extra.get("n_train_images")}
+    if shards is not None:  # the merged run: every shard's own provenance, as vlmloc.shards.merge lists it
+        info["shards"] = shards
     write_run_json(ctx.run_dir, info, filename)
 
 
@@ -259,10 +262,11 @@ def finish(ctx: RunContext) -> None:
     _write_parquet(result.accuracy, ctx.run_dir / ACCURACY_FILE)
     _write_parquet(result.per_position, ctx.run_dir / PER_POSITION_FILE)
     extra = dict(result.info)
-    if ctx.shard.sharded:  # each shard's training, as the merge listed it
+    shards = None
+    if ctx.shard.sharded:  # each shard's provenance and training, as the merge listed them
         shards = json.loads((ctx.run_dir / "run.json").read_text()).get("shards", [])
         extra["shards"] = [sh.get("position_probe", sh) for sh in shards]
-    _write_provenance(ctx, split, extra)
+    _write_provenance(ctx, split, extra, shards=shards)
 
 
 def report(ctx: RunContext, rows: pd.DataFrame) -> None:
