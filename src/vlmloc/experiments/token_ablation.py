@@ -24,7 +24,7 @@ from omegaconf import MISSING
 import pandas as pd
 
 from vlmloc.conditions import BASELINE, AboveMedian, Condition, ObjectTokens, RandomTokens, Replace, TopScored
-from vlmloc.reports.tables import paper_table, write_summary
+from vlmloc.reports.tables import model_paper_values, paper_table, with_paper, write_summary
 from vlmloc.runner import RunContext
 from vlmloc.selection import RANDOM_FROM
 from vlmloc.settings import at_least, load, one_of, register, subset_of
@@ -132,4 +132,5 @@ def run(ctx: RunContext) -> None:
 
 def report(ctx: RunContext, results: pd.DataFrame) -> None:
     names = [c.name for c in conditions(settings(ctx.cfg), int(ctx.cfg.seed))]
-    write_summary(ctx.run_dir, ctx.cfg, paper_table(results, names), "table1_token_ablation.md")
+    table = with_paper(paper_table(results, names), model_paper_values(ctx.cfg, "table1"))
+    write_summary(ctx.run_dir, ctx.cfg, table, "table1_token_ablation.md")

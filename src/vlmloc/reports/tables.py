@@ -3,7 +3,8 @@ the paper's layouts, markdown."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import math
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -150,6 +151,30 @@ def paper_table(results: pd.DataFrame, conditions: Sequence[str]) -> pd.DataFram
         row.update(task_columns(summary, cond))
         rows.append(row)
     return pd.DataFrame(rows)
+
+
+def with_paper(table: pd.DataFrame, paper: Mapping[str, Mapping[str, float]] | None) -> pd.DataFrame:
+    """`table` (a `paper_table`) with the paper's accuracy per condition beside ours: paper_loc,
+    paper_cls (NaN where the paper states none) and loc_vs_paper, cls_vs_paper (ours minus the
+    paper's, points). paper: condition -> {loc, cls} (the model config's `paper.<table>`); None or
+    empty: the table unchanged."""
+    if not paper:
+        return table
+    out = table.copy()
+    for short in ("loc", "cls"):
+        if short not in out:
+            continue
+        out[f"paper_{short}"] = [float((paper.get(c) or {}).get(short, math.nan)) for c in out["condition"]]
+        out[f"{short}_vs_paper"] = out[short].astype(float) - out[f"paper_{short}"]
+    return out
+
+
+def model_paper_values(cfg: Any, table: str) -> dict[str, dict[str, float]] | None:
+    """The paper's values of `table` for the run's model (`model.paper.<table>`), if it states any."""
+    from omegaconf import OmegaConf
+
+    node = (cfg.model.get("paper") or {}).get(table)
+    return OmegaConf.to_container(node, resolve=True) if node is not None else None
 
 
 def write_summary(run_dir: Path, cfg: Any, table: pd.DataFrame, filename: str) -> str:
