@@ -20,13 +20,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_shards import all_pairs, build_checkpoint  # noqa: E402
+from bench_shards import all_pairs, build_checkpoint, checkpoint_args, cli  # noqa: E402
 
 PAPER_OBJECTS = 2248  # the paper's COCO objects (PAPER.md)
 PAPER_PAIRS = 50
@@ -49,24 +47,13 @@ PLAN: dict[str, tuple[list[str], str, int, int]] = {
 }
 
 
-def cli(args: list[str], env: dict[str, str], log: Path) -> float:
-    t0 = time.perf_counter()
-    log.parent.mkdir(parents=True, exist_ok=True)
-    with log.open("w") as f:
-        subprocess.run([sys.executable, "-m", "vlmloc", *args], check=True, env=env, stdout=f, stderr=subprocess.STDOUT)
-    return time.perf_counter() - t0
-
-
 def run_info(run_dir: Path) -> dict:
     return json.loads((run_dir / "run.json").read_text())
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--config-dir", type=Path, required=True)
-    ap.add_argument("--checkpoint", type=Path, default=Path("/tmp/vlmloc-random-checkpoint"))
-    ap.add_argument("--out", type=Path, required=True)
-    ap.add_argument("--model", default="llava7b")
+    checkpoint_args(ap)
     ap.add_argument("--experiments", default=",".join(PLAN))
     ap.add_argument("--scale", type=float, default=1.0, help="multiply every experiment's n (e.g. 0.25 for a quick check)")
     ap.add_argument("overrides", nargs="*")

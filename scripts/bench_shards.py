@@ -52,10 +52,25 @@ def build_checkpoint(config_dir: Path, dest: Path) -> float:
     return time.perf_counter() - t0
 
 
-def cli(args: list[str], env: dict[str, str]) -> float:
+def cli(args: list[str], env: dict[str, str], log: Path | None = None) -> float:
+    """Seconds `python -m vlmloc <args>` took; its output into `log` when given, else the console."""
     t0 = time.perf_counter()
-    subprocess.run([sys.executable, "-m", "vlmloc", *args], check=True, env=env)
+    if log is None:
+        subprocess.run([sys.executable, "-m", "vlmloc", *args], check=True, env=env)
+    else:
+        log.parent.mkdir(parents=True, exist_ok=True)
+        with log.open("w") as f:
+            subprocess.run([sys.executable, "-m", "vlmloc", *args], check=True, env=env, stdout=f,
+                           stderr=subprocess.STDOUT)
     return time.perf_counter() - t0
+
+
+def checkpoint_args(ap: argparse.ArgumentParser) -> None:
+    """The options both benchmarks share: the real files, the random checkpoint, the output, the model config."""
+    ap.add_argument("--config-dir", type=Path, required=True)
+    ap.add_argument("--checkpoint", type=Path, default=Path("/tmp/vlmloc-random-checkpoint"))
+    ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--model", default="llava7b")
 
 
 KEYS = ("sample_id", "task", "condition", "layer", "head", "positions", "stage", "view", "target")
@@ -96,10 +111,7 @@ def all_pairs(pairs_dir: Path) -> int:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--config-dir", type=Path, required=True)
-    ap.add_argument("--checkpoint", type=Path, default=Path("/tmp/vlmloc-random-checkpoint"))
-    ap.add_argument("--out", type=Path, required=True)
-    ap.add_argument("--model", default="llava7b")
+    checkpoint_args(ap)
     ap.add_argument("--tables", default="results.parquet", help="comma-separated parquet tables to compare")
     ap.add_argument("--pairs", type=int, default=0,
                     help="CMA: first make this many pairs of the data with experiment=make_pairs, every pair kept "

@@ -92,14 +92,13 @@ def _batches(order: list[int], batch_size: int, cost: Sequence[int] | None = Non
     batch: list[int] = []
     longest = 0
     for i in order:
-        longer = max(longest, cost[i]) if cost is not None else 0
-        full = len(batch) >= batch_size or (
-            batch_tokens is not None and batch and (len(batch) + 1) * longer > batch_tokens)
-        if full:
+        c = cost[i] if cost is not None else 0
+        over = batch_tokens is not None and (len(batch) + 1) * max(longest, c) > batch_tokens
+        if batch and (len(batch) >= batch_size or over):
             yield batch
-            batch, longer = [], cost[i] if cost is not None else 0
+            batch, longest = [], 0
         batch.append(i)
-        longest = longer
+        longest = max(longest, c)
     if batch:
         yield batch
 

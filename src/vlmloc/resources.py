@@ -17,8 +17,6 @@ under a lock (`vlmloc.rundir.computed_once`) and read from its file by the other
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import json
 import logging
 import time
 from collections.abc import Callable
@@ -27,7 +25,6 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import torch
-from omegaconf import OmegaConf
 from tqdm.auto import tqdm
 
 from vlmloc.conditions import BASELINE, Resources
@@ -87,20 +84,19 @@ def ig_scores(adapter: VLMAdapter, samples: list[Sample], tasks: list[str], clea
 
 def _head_means(ctx: Any) -> dict[str, HeadMeans]:
     """Per task, head means of the run's first `experiment.mean_samples` samples, stored in the run
-    directory once (head_means-<task>-<key>.pt): a resumed run and every shard read the same file."""
+    directory once (head_means-<task>.pt): a resumed run and every shard read the same file. The
+    run directory's config fingerprint (`vlmloc.rundir`) already pins the model, data and settings
+    they depend on."""
     exp, cfg = ctx.cfg.experiment, ctx.cfg
     n = int(exp.mean_samples)
     ref = ctx.samples[:n]
-    ident = {k: OmegaConf.to_container(cfg[k], resolve=True) for k in ("model", "data")}
-    ident |= {"mean_samples": n, "answer_mean": str(exp.answer_mean), "batch_size": int(cfg.batch_size)}
-    key = hashlib.sha256(json.dumps(ident, sort_keys=True, default=str).encode()).hexdigest()[:12]
     t0 = time.monotonic()
 
     def compute(task: str) -> HeadMeans:
         return head_means(ctx.adapter, ref, task, n, batch_size=int(cfg.batch_size), answer_mean=str(exp.answer_mean))
 
     means = {str(t): computed_once(
-        ctx.run_dir / f"head_means-{t}-{key}.pt", lambda t=str(t): compute(t),
+        ctx.run_dir / f"head_means-{t}.pt", lambda t=str(t): compute(t),
         lambda v, f: torch.save(dataclasses.asdict(v), f),
         lambda p: HeadMeans(**torch.load(p, map_location=ctx.adapter.device, weights_only=True)))
         for t in exp.tasks}

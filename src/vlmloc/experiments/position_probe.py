@@ -73,6 +73,7 @@ from vlmloc.reports import position_probe as position_probe_report
 from vlmloc.results import atomic_write
 from vlmloc.runner import RunContext
 from vlmloc.shards import Shard
+from vlmloc.shards import from_config as shard_config
 from vlmloc.settings import at_least, load, register
 
 log = logging.getLogger("vlmloc.experiments.position_probe")
@@ -110,7 +111,7 @@ def settings(cfg: DictConfig) -> Settings:
 
 def check_config(cfg: DictConfig) -> None:
     """A sharded run trains data-parallel with the torch trainer (`vlmloc.probe_training.train_probes`)."""
-    if int((cfg.get("shard") or {}).get("count", 1)) > 1 and settings(cfg).probe.trainer == "sklearn":
+    if shard_config(cfg).sharded and settings(cfg).probe.trainer == "sklearn":
         raise ValueError("experiment.probe.trainer=sklearn cannot be sharded: the merge averages probes over every "
                          "class, and sklearn's cover only the classes one shard saw; use probe.trainer=torch (or "
                          "auto) or shard.count=1")
@@ -256,7 +257,7 @@ def finish(ctx: RunContext) -> None:
         merged = {"fingerprint": fp, **trained.to_dict()}
         atomic_write(ctx.run_dir / PROBES_FILE, lambda f: torch.save(merged, f))
     adapter = ctx.adapter
-    stages, heat = select_stages(adapter, s.stages, s.heatmap_stages)
+    stages, _ = select_stages(adapter, s.stages, s.heatmap_stages)
     result = score_probes(adapter, split.test, stages, trained, asdict(s.probe), batch_size=int(cfg.batch_size),
                           prompt=probe_prompt(adapter, s.question), num_workers=s.num_workers)
     _write_parquet(result.accuracy, ctx.run_dir / ACCURACY_FILE)
