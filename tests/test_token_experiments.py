@@ -96,3 +96,44 @@ def test_shuffle_end_to_end(tmp_path):
     frac = df.groupby("condition")["frac_edited"].mean()
     assert frac["shuffle:global"] == 1.0 and 0 < frac["shuffle:object"] < 1
     assert "| shuffle:object" in (tmp_path / "run" / "table2_shuffle.md").read_text()
+
+
+def test_shuffle_rows_equal_a_forward_permuted_by_hand(tmp_path, tiny_llava):
+    """The stored P(yes) of both shuffle scopes against one forward whose projector output the test
+    permutes itself: global = every visual token moved by the sample's seeded draw, object = only the
+    object's tokens (found by brute force) permuted among themselves, the rest in place."""
+    import numpy as np
+    import torch
+
+    from vlmloc.engine.readout import yes_probability
+    from vlmloc.seeds import row_rng
+
+    cfg = compose_cfg("experiment=shuffle", "model=tiny_llava", "data=synthetic", "data.n=3", "tasks=[classification]",
+                      data_dir=tmp_path / "data")
+    app.run(cfg, tmp_path / "run", adapter=tiny_llava)
+    df = pd.read_parquet(tmp_path / "run" / "results.parquet")
+    ad, model = tiny_llava, tiny_llava.model
+    mcfg = model.config
+    seed = int(cfg.seed)
+    for sample in runner.RunContext(cfg=cfg, run_dir=tmp_path / "run").samples:
+        batch = ad.prepare([sample.load_image()], [ad.prompt("classification", sample.category)])
+        inputs = batch.inputs
+        image_pos = torch.nonzero(inputs["input_ids"][0] == mcfg.image_token_id).flatten()
+        obj = np.asarray(hand_object_tokens(sample))
+        assert 0 < len(obj) < 576
+        perm_global = row_rng(seed, sample.sample_id, "shuffle", "global").permutation(576)
+        perm_object = np.arange(576)
+        perm_object[obj] = obj[row_rng(seed, sample.sample_id, "shuffle", "object").permutation(len(obj))]
+        with torch.no_grad():
+            vt = model.model.vision_tower(inputs["pixel_values"], output_hidden_states=True)
+            proj = model.model.multi_modal_projector(vt.hidden_states[mcfg.vision_feature_layer][:, 1:])[0]
+            for name, perm in (("shuffle:global", perm_global), ("shuffle:object", perm_object)):
+                embeds = model.get_input_embeddings()(inputs["input_ids"]).clone()
+                embeds[0, image_pos] = proj[torch.as_tensor(perm)].to(embeds.dtype)  # token i gets token perm[i]
+                logits = model(inputs_embeds=embeds, attention_mask=inputs["attention_mask"]).logits[:, -1].float()
+                p_yes = float(yes_probability(ad, torch.log_softmax(logits, -1))[0])
+                row = df[(df.sample_id == sample.sample_id) & (df.condition == name)]
+                assert len(row) == 1
+                assert float(row["p_yes"].iloc[0]) == pytest.approx(p_yes, abs=1e-5), name
+                moved = int((perm != np.arange(576)).sum())
+                assert int(row["n_edited"].iloc[0]) == (576 if name == "shuffle:global" else len(obj)), moved

@@ -139,7 +139,8 @@ def check_packing(model: torch.nn.Module, example: dict[str, Any], device: torch
 
 
 def negative_outcomes(adapter: Any, samples: Sequence[Sample], categories: Sequence[str], batch_size: int, seed: int = 0) -> list[bool]:
-    """Per image: ask about a category absent from it; True when "no" wins (p_yes < 0.5).
+    """Per image: ask about a category absent from it; True when the model denies it (yes/no mode:
+    "no" wins, p_yes < 0.5; list mode: the list does not name it).
 
     The project's classification accuracy only asks about present objects; this is the check
     that the model is not a yes-machine. The absent category is drawn per image (seeded).
@@ -175,15 +176,22 @@ def _present_categories(samples: Sequence[Sample]) -> dict[int, set[str]]:
 
 
 def heldout_scores(adapter: Any, samples: Sequence[Sample], categories: Sequence[str], batch_size: int) -> dict[str, float]:
-    """Baseline scores as experiment=baseline computes them, plus the negative-question accuracy."""
+    """Baseline scores as experiment=baseline computes them (classification in the model's mode),
+    plus the yes/no accuracy when that mode is another, and the negative-question accuracy."""
     df = evaluate(adapter, samples, ["classification", "localization"], batch_size=batch_size, progress=False)
     cls = df[df.task == "classification"]
     loc = df[df.task == "localization"]
     hits = {t: float(loc[f"hit_{t}"].astype(float).mean()) for t in ("50", "70", "90")}
     neg = negative_outcomes(adapter, samples, categories, batch_size)
+    extra = {}
+    if adapter.classification_mode != "yes_no":  # CMA and make_pairs ask the yes/no question
+        yn = evaluate(adapter, samples, ["classification"], batch_size=batch_size, progress=False,
+                      classification_mode="yes_no")
+        extra["cls_acc_yes_no"] = 100 * float(yn["correct"].astype(float).mean())
     return {
         "n_objects": len(samples),
         "cls_acc": 100 * float(cls["correct"].astype(float).mean()),
+        **extra,
         "loc_acc": 100 * float(np.mean(list(hits.values()))),
         "acc50": 100 * hits["50"],
         "acc70": 100 * hits["70"],
@@ -575,6 +583,18 @@ def write_card(folder: Path, s: dict[str, Any]) -> None:
         f"localization >= {BAR['loc_acc']:.0f} %): **{'met' if met else 'NOT met'}**"
         + ("." if met else f" ({h['cls_acc']:.1f} % / {h['loc_acc']:.1f} %): train longer (see Retrain).")
     )
+    listq = (", and the list prompt, answered with the scene's categories in reading order"
+             if tc["data"].get("list_objects") else "")
+    listed = "cls_acc_yes_no" in h  # scored in list mode; the yes/no accuracy beside it
+    cls_rule = ("share of objects whose category the generated answer to the list prompt names (the yes/no "
+                "column: share where P(yes) > P(no), the question CMA asks)" if listed
+                else "share of objects where P(yes) > P(no)")
+    absent_rule = "a list that does not name it" if listed else "P(yes) < P(no)"
+    yn_head, yn_rule = (" yes/no |", "---|") if listed else ("", "")
+
+    def yn(r: dict[str, Any]) -> str:
+        return f" {r['cls_acc_yes_no']:.1f} |" if listed else ""
+
     notes = "".join(f"- {n}\n" for n in s.get("notes", []))
     notes = f"\n## Notes\n{notes}" if notes else ""
     text = f"""# {s['model']}: a small {cls_name} trained by vlmloc
@@ -601,7 +621,7 @@ Synthetic scenes from `vlmloc.data.synthetic` with the generator settings of `da
 split `train` (scene i = image i of `ensure_synthetic(root, "train", ...)`), rendered on the fly;
 evaluation on split `heldout` (disjoint seed stream). Per scene: for every object the
 classification question (answer Yes) and the localization question; as many classification
-questions about absent categories (answer No). {sum(st.get('images_seen') or 0 for st in stages):,} scenes,
+questions about absent categories (answer No){listq}. {sum(st.get('images_seen') or 0 for st in stages):,} scenes,
 {sum(st.get('questions_seen') or 0 for st in stages):,} questions{' over all stages' if len(stages) > 1 else ''}.
 
 ## Training
@@ -621,14 +641,14 @@ weight decay {tc['optim']['weight_decay']}), {tc['optim']['warmup_steps']} warmu
 {status}
 
 `experiment=baseline` scoring on split `heldout` (the object filters of `data=synthetic`), with these
-weights loaded as float32 through `model.path`. Classification: share of objects where P(yes) > P(no);
+weights loaded as float32 through `model.path`. Classification: {cls_rule};
 localization: mean of the hit rates at IoU 0.5 / 0.7 / 0.9. "No on absent" asks each image about one
-category it does not contain (P(yes) < P(no) is correct): not part of the project's score.
+category it does not contain ({absent_rule} is correct): not part of the project's score.
 
-| subset | objects | classification | no on absent | localization | acc@0.5 | acc@0.7 | acc@0.9 | mean IoU |
-|---|---|---|---|---|---|---|---|---|
-| whole held-out split | {h['n_objects']} | {h['cls_acc']:.1f} | {h['neg_acc']:.1f} | {h['loc_acc']:.1f} | {h['acc50']:.1f} | {h['acc70']:.1f} | {h['acc90']:.1f} | {h['mean_iou']:.3f} |
-| default run (data.n={d['n_objects']}) | {d['n_objects']} | {d['cls_acc']:.1f} | {d['neg_acc']:.1f} | {d['loc_acc']:.1f} | {d['acc50']:.1f} | {d['acc70']:.1f} | {d['acc90']:.1f} | {d['mean_iou']:.3f} |
+| subset | objects | classification |{yn_head} no on absent | localization | acc@0.5 | acc@0.7 | acc@0.9 | mean IoU |
+|---|---|---|{yn_rule}---|---|---|---|---|---|
+| whole held-out split | {h['n_objects']} | {h['cls_acc']:.1f} |{yn(h)} {h['neg_acc']:.1f} | {h['loc_acc']:.1f} | {h['acc50']:.1f} | {h['acc70']:.1f} | {h['acc90']:.1f} | {h['mean_iou']:.3f} |
+| default run (data.n={d['n_objects']}) | {d['n_objects']} | {d['cls_acc']:.1f} |{yn(d)} {d['neg_acc']:.1f} | {d['loc_acc']:.1f} | {d['acc50']:.1f} | {d['acc70']:.1f} | {d['acc90']:.1f} | {d['mean_iou']:.3f} |
 
 During training{f' stage {len(stages)}' if len(stages) > 1 else ''} (held-out subset of {tc['eval']['n']} objects; steps of that stage):
 
