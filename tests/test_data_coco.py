@@ -221,3 +221,22 @@ def test_coco_yaml_through_load_samples(tmp_path):
     assert report[-1]["filter"] == "subset"
     with pytest.raises(DataError, match="data.kind must be one of"):
         load_samples({"kind": "imagenet"})
+
+
+def test_lvis_style_files_name_images_by_url_and_carry_category_synonyms(tmp_path):
+    """LVIS v1 val: COCO's images named only by coco_url, categories with synonyms (underscored)."""
+    data = tiny_coco()
+    for im in data["images"]:
+        im["coco_url"] = f"http://images.cocodataset.org/val2017/{im.pop('file_name')}"
+    data["categories"] = [{**c, "synonyms": [c["name"], f"{c['name']}_dog_like"]} if c["id"] == 1 else c for c in CATS]
+    ann = tmp_path / "lvis_v1_val.json"
+    ann.write_text(json.dumps(data))
+    (tmp_path / "val2017").mkdir()
+    for i in (1, 2, 3, 4, 5):
+        (tmp_path / "val2017" / f"{i:03d}.jpg").touch()
+    samples, _ = load_coco(ann, tmp_path / "val2017", {"min_area_frac": 0.0, "max_area_frac": 1.0,
+                                                      "single_instance": False, "no_crowd": False, "min_box_fill": 0.0})
+    dog = next(s for s in samples if s.ann_id == 11)
+    assert dog.image_path == tmp_path / "val2017" / "001.jpg"
+    assert dog.meta["synonyms"] == ["dog", "dog dog like"]
+    assert "synonyms" not in next(s for s in samples if s.ann_id == 12).meta  # cat: none listed

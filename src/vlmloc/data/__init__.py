@@ -1,10 +1,10 @@
-"""Data stage: COCO / COCO-ReM, synthetic shape scenes and a photo fixture -> `Sample` records.
+"""Data stage: COCO / COCO-ReM, PASCAL VOC, synthetic shape scenes and a photo fixture -> `Sample` records.
 
     samples, report = load_samples(cfg.data)
 
 `cfg.data.kind` picks the source; synthetic and fixture data are first written to disk as COCO
-datasets under `cfg.data.root`, then all three kinds go through the same COCO loader and
-filters (`vlmloc.data.coco.load_coco`). `report` lists each filter's kept/dropped counts.
+datasets under `cfg.data.root`, then every kind goes through the same COCO loader and
+filters (`vlmloc.data.coco.load_coco`); VOC is converted to a COCO file first (`vlmloc.data.voc`). `report` lists each filter's kept/dropped counts.
 `pairs` loads the object-removal pairs a make_pairs run wrote (`vlmloc.data.pairs`): the
 original samples, with the inpainted image in `meta["inpainted_path"]`.
 """
@@ -20,7 +20,7 @@ from vlmloc.data.sample import Sample
 
 __all__ = ["DataError", "Filters", "Sample", "load_samples", "plain_config"]
 
-KINDS = ("coco", "synthetic", "fixture", "pairs")
+KINDS = ("coco", "voc", "synthetic", "fixture", "pairs")
 
 
 def load_samples(data_cfg: Any) -> tuple[list[Sample], list[dict[str, Any]]]:
@@ -29,6 +29,13 @@ def load_samples(data_cfg: Any) -> tuple[list[Sample], list[dict[str, Any]]]:
     kind = cfg.get("kind")
     if kind == "coco":
         annotations, images = Path(_required(cfg, "annotations")), Path(_required(cfg, "images"))
+    elif kind == "voc":
+        from vlmloc.data.voc import ensure_voc
+
+        root = Path(_required(cfg, "root"))
+        annotations = ensure_voc(root, _required(cfg, "split"), _required(cfg, "cache_dir"), cfg.get("names"),
+                                 cfg.get("box_from", "xml"))
+        images = root / "JPEGImages"
     elif kind == "synthetic":
         from vlmloc.data.synthetic import ensure_synthetic
 
@@ -45,7 +52,7 @@ def load_samples(data_cfg: Any) -> tuple[list[Sample], list[dict[str, Any]]]:
         return load_pairs(_required(cfg, "pairs_dir"), n=cfg.get("n"), seed=cfg.get("seed", 0))
     else:
         raise DataError(
-            f"data.kind must be one of {list(KINDS)}, got {kind!r} (pick a config: data=coco|synthetic|fixture|pairs)"
+            f"data.kind must be one of {list(KINDS)}, got {kind!r} (pick a config: data=coco|voc|synthetic|fixture|pairs)"
         )
     return load_coco(annotations, images, filters=cfg.get("filters"), n=cfg.get("n"), seed=cfg.get("seed", 0))
 

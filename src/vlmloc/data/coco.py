@@ -191,6 +191,8 @@ def _validate(data: Any, path: Path) -> None:
 def _check_images(images: list[Any], path: Path) -> set[int]:
     ids: set[int] = set()
     for im in images:
+        if isinstance(im, dict) and "file_name" not in im and isinstance(im.get("coco_url"), str):
+            im["file_name"] = im["coco_url"].rsplit("/", 1)[-1]  # LVIS v1 names COCO's images by URL only
         if not isinstance(im, dict) or not {"id", "file_name", "width", "height"} <= im.keys():
             raise DataError(f"{path}: image entry {im!r:.120} lacks id / file_name / width / height")
         if not (_pos_int(im["width"]) and _pos_int(im["height"])):
@@ -327,6 +329,9 @@ def _to_sample(coco: COCO, ann: dict[str, Any], images: Path) -> Sample:
     meta = {k: v for k, v in ann.items() if k in _ANN_META_KEYS or k.startswith(_META_PREFIX)}
     meta.update({k: v for k, v in im.items() if k.startswith(_META_PREFIX)})
     meta["iscrowd"] = int(ann.get("iscrowd", 0))
+    synonyms = coco.cats[ann["category_id"]].get("synonyms")  # LVIS categories list theirs
+    if synonyms:
+        meta["synonyms"] = [str(w).replace("_", " ") for w in synonyms]
     return Sample(
         sample_id=f"{im['id']}-{ann['id']}",
         image_id=int(im["id"]),
