@@ -169,11 +169,20 @@ if __name__ == "__main__":
     record(Path(sys.argv[1]), sys.argv[2:] or None)
 
 
+# Experiments whose numbers are other runs' (no golden record of their own), each run end to end
+# by its own test file: suite runs other experiments; report rebuilds the report from finished runs
+# and checks its numbers against their parquet.
+RUN_ELSEWHERE = {"suite": "test_suite.py", "report": "test_report.py"}
+
+
 def test_every_experiment_config_is_run_end_to_end():
-    """A new file under configs/experiment/ cannot ship unrun: each has a golden record here
-    (suite, which runs other experiments, is run end to end by tests/test_suite.py)."""
+    """A new file under configs/experiment/ cannot ship unrun: each has a golden record here, or is
+    one of RUN_ELSEWHERE, whose test file runs it through `app.run`."""
     from vlmloc.__main__ import config_dir
 
-    configs = {p.stem for p in (config_dir() / "experiment").glob("*.yaml")} - {"suite"}
+    for name, file in RUN_ELSEWHERE.items():
+        text = (Path(__file__).parent / file).read_text()
+        assert "app.run(" in text and (name == "suite" or f"experiment={name}" in text), f"{file} does not run {name}"
+    configs = {p.stem for p in (config_dir() / "experiment").glob("*.yaml")} - set(RUN_ELSEWHERE)
     run_here = {o.split("=", 1)[1] for overrides in RUNS.values() for o in overrides if o.startswith("experiment=")}
     assert configs == run_here, f"experiment configs without a golden run: {sorted(configs - run_here)}"

@@ -156,7 +156,7 @@ def paper_table(results: pd.DataFrame, conditions: Sequence[str]) -> pd.DataFram
 def with_paper(table: pd.DataFrame, paper: Mapping[str, Mapping[str, float]] | None) -> pd.DataFrame:
     """`table` (a `paper_table`) with the paper's accuracy per condition beside ours: paper_loc,
     paper_cls (NaN where the paper states none) and loc_vs_paper, cls_vs_paper (ours minus the
-    paper's, points). paper: condition -> {loc, cls} (the model config's `paper.<table>`); None or
+    paper's, points). paper: condition -> {loc, cls} (`model_paper_values`); None or
     empty: the table unchanged."""
     if not paper:
         return table
@@ -170,11 +170,12 @@ def with_paper(table: pd.DataFrame, paper: Mapping[str, Mapping[str, float]] | N
 
 
 def model_paper_values(cfg: Any, table: str) -> dict[str, dict[str, float]] | None:
-    """The paper's values of `table` for the run's model (`model.paper.<table>`), if it states any."""
-    from omegaconf import OmegaConf
+    """The paper's values of `table` for the run's model (configs/paper/<model.name>.yaml,
+    `vlmloc.reports.paper_values`): condition -> {loc, cls, ...}; None if it states none."""
+    from vlmloc.reports.paper_values import PaperValues
 
-    node = (cfg.model.get("paper") or {}).get(table)
-    return OmegaConf.to_container(node, resolve=True) if node is not None else None
+    rows = PaperValues.for_model(str(cfg.model.name)).rows(table)
+    return rows or None
 
 
 def write_summary(run_dir: Path, cfg: Any, table: pd.DataFrame, filename: str) -> str:
