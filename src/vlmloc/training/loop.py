@@ -584,6 +584,7 @@ def write_card(folder: Path, s: dict[str, Any]) -> None:
         + ("." if met else f" ({h['cls_acc']:.1f} % / {h['loc_acc']:.1f} %): train longer (see Retrain).")
     )
     listq = (", and the list prompt, answered with the scene's categories in reading order"
+             + (" (in the stages run with data.list_objects=true)" if len(s.get("stages") or []) > 1 else "")
              if tc["data"].get("list_objects") else "")
     listed = "cls_acc_yes_no" in h  # scored in list mode; the yes/no accuracy beside it
     cls_rule = ("share of objects whose category the generated answer to the list prompt names (the yes/no "
