@@ -11,7 +11,8 @@ commit):
 Rerecorded since: head_ablation-demo_llava (random head sets nested across k), knockout-demo_llava
 (random keys from the image area), cma-demo_llava (source IoU column, dropped-pairs line; median and
 pooled MF columns), head_ablation-demo_llava (median and pooled MF columns; head means by position
-role, generated tokens taking the text positions' mean).
+role, generated tokens taking the text positions' mean), and every demo_llava record (the demo models'
+third training stage, which adds the list prompt: classification.mode=list is now their default).
 """
 
 from __future__ import annotations
@@ -170,9 +171,10 @@ if __name__ == "__main__":
 
 
 # Experiments whose numbers are other runs' (no golden record of their own), each run end to end
-# by its own test file: suite runs other experiments; report rebuilds the report from finished runs
-# and checks its numbers against their parquet.
-RUN_ELSEWHERE = {"suite": "test_suite.py", "report": "test_report.py"}
+# by its own test file: suite and paper (paper_smoke its CI-sized preset) run other experiments;
+# report rebuilds the report from finished runs and checks its numbers against their parquet.
+RUN_ELSEWHERE = {"suite": "test_suite.py", "report": "test_report.py", "paper": "test_paper.py",
+                 "paper_smoke": "test_paper.py"}
 
 
 def test_every_experiment_config_is_run_end_to_end():
@@ -182,7 +184,7 @@ def test_every_experiment_config_is_run_end_to_end():
 
     for name, file in RUN_ELSEWHERE.items():
         text = (Path(__file__).parent / file).read_text()
-        assert "app.run(" in text and (name == "suite" or f"experiment={name}" in text), f"{file} does not run {name}"
+        assert "app.run(" in text and (name in ("suite", "paper") or f"experiment={name}" in text), f"{file} does not run {name}"
     configs = {p.stem for p in (config_dir() / "experiment").glob("*.yaml")} - set(RUN_ELSEWHERE)
     run_here = {o.split("=", 1)[1] for overrides in RUNS.values() for o in overrides if o.startswith("experiment=")}
     assert configs == run_here, f"experiment configs without a golden run: {sorted(configs - run_here)}"
