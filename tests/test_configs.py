@@ -17,7 +17,8 @@ def _group(name: str) -> list[str]:
 
 
 def test_groups_hold_the_paper_models_and_data():
-    assert set(_group("model")) >= {"llava7b", "llava13b", "internvl8b", "tiny_llava", "tiny_internvl"}
+    assert set(_group("model")) >= {"llava7b", "llava13b", "internvl8b", "tiny_llava", "tiny_internvl",
+                                    "qwen2_5vl7b", "qwen3vl8b", "tiny_qwen2_5vl", "tiny_qwen3vl"}
     assert set(_group("data")) >= {"coco", "synthetic", "fixture"}
     assert "baseline" in _group("experiment")
     for f in (Path(CONFIG_DIR) / "experiment").glob("*.yaml"):
@@ -31,7 +32,9 @@ def test_every_config_composes_and_resolves(model, data, experiment):
     cfg = compose_cfg(f"model={model}", f"data={data}", f"experiment={experiment}", "data.root=/tmp/x")
     resolved = OmegaConf.to_container(cfg, resolve=True)
     assert resolved["model"]["name"] == model
-    assert resolved["model"]["family"] in {"llava", "internvl"}
+    from vlmloc.models.families import FAMILIES
+
+    assert resolved["model"]["family"] in FAMILIES
     assert resolved["data"]["name"] == data
     assert resolved["experiment"]["name"] == experiment
     assert "{question}" in resolved["model"]["prompts"]["template"]
@@ -53,6 +56,8 @@ def test_model_paths_default_to_hub_ids():
     assert cfg.model.path == "llava-hf/llava-1.5-7b-hf"
     assert compose_cfg("model=internvl8b").model.path == "OpenGVLab/InternVL3_5-8B-HF"
     assert compose_cfg("model=tiny_llava").model.path is None
+    assert compose_cfg("model=qwen2_5vl7b").model.path == "Qwen/Qwen2.5-VL-7B-Instruct"
+    assert compose_cfg("model=qwen3vl8b").model.path == "Qwen/Qwen3-VL-8B-Instruct"
 
 
 def test_cli_prints_resolved_job_config(tmp_path):

@@ -11,9 +11,10 @@ from vlmloc.engine.readout import next_token_logprobs
 from vlmloc.models import load_adapter
 
 
-@pytest.mark.parametrize("family", ["tiny_llava", "tiny_internvl"])
+@pytest.mark.parametrize("family", ["tiny_llava", "tiny_internvl", "tiny_qwen2_5vl", "tiny_qwen3vl"])
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
 def test_prefix_reuse_equals_full_recomputation_under_knockout(family, attn):
+    """Qwen's 3-D rotary positions included: the suffix continues the prefix's M-RoPE positions."""
     ad = load_adapter(compose_cfg(f"model={family}", f"model.attn_implementation={attn}").model)
     image, text = noise_image(448, 448, 1), ad.prompt("classification", "cat")
     one = ad.prepare([image], [text])

@@ -10,7 +10,9 @@ Conventions
   coordinates; the rectangle may reach beyond the image (padding) and need not be square.
 - LLaVA-1.5 answers boxes normalised to the frame it saw: the padded square (as it was trained),
   or the centre crop with `pad_to_square=false`; InternVL answers on a 0..1000 scale of the
-  original (unpadded) image (see TECH_NOTES "Boxes").
+  original (unpadded) image (see TECH_NOTES "Boxes"). Qwen2.5-VL answers absolute pixels of its
+  resized input (`qwen_resized_size`), Qwen3-VL a 0..1000 scale of the image, both usually as JSON
+  `[{"bbox_2d": [x1, y1, x2, y2], "label": ...}]`.
 """
 
 from __future__ import annotations
@@ -135,6 +137,24 @@ def internvl_grids(
     local = TokenGrid(0.0, 0.0, float(width), float(height), n_rows * t, n_cols * t)
     thumb = TokenGrid(0.0, 0.0, float(width), float(height), t, t) if n_cols * n_rows > 1 else None
     return local, thumb, n_cols, n_rows
+
+
+def qwen_resized_size(width: int, height: int, *, factor: int, min_pixels: int, max_pixels: int) -> tuple[int, int]:
+    """(resized_w, resized_h) of Qwen-VL's dynamic resolution: both multiples of `factor` (patch x merge),
+    the area within [min_pixels, max_pixels], from transformers' own `smart_resize`."""
+    # Imported lazily: pure function, but its module pulls in the image-processing stack.
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize
+
+    h, w = smart_resize(int(height), int(width), factor=int(factor), min_pixels=int(min_pixels), max_pixels=int(max_pixels))
+    return int(w), int(h)
+
+
+def qwen_grid(width: int, height: int, *, factor: int, min_pixels: int, max_pixels: int) -> TokenGrid:
+    """Qwen-VL's token grid (one token per factor x factor cell of the resized image, after the 2x2
+    merge) over original pixels: the resize maps the whole image onto the whole resized frame, so the
+    grid spans [0, W] x [0, H] with (resized_h / factor) rows and (resized_w / factor) cols."""
+    rw, rh = qwen_resized_size(width, height, factor=factor, min_pixels=min_pixels, max_pixels=max_pixels)
+    return TokenGrid(0.0, 0.0, float(width), float(height), rh // int(factor), rw // int(factor))
 
 
 # --------------------------------------------------------------------------- token masks
@@ -302,6 +322,38 @@ def parse_internvl_box(text: str) -> Box | None:
         return None
     found = _first_finite(_RE_INTERNVL_TAG, text)
     # The single-bracket pattern also matches the inner part of '[[...]]'.
+    return found if found is not None else _first_finite(_RE_BRACKET4, text)
+
+
+def scale_to_pixels(box: Sequence[float], sx: float, sy: float, width: int, height: int) -> Box:
+    """A box on a frame of sx x sy units spanning the image (Qwen2.5-VL: the resized input in pixels;
+    Qwen3-VL: 1000 x 1000) -> xyxy original pixels, clipped."""
+    v1, v2, v3, v4 = (float(v) for v in box)
+    return clip_box((v1 / sx * width, v2 / sy * height, v3 / sx * width, v4 / sy * height), width, height)
+
+
+def pixels_to_scale(xyxy: Sequence[float], sx: float, sy: float, width: int, height: int) -> tuple[int, int, int, int]:
+    """xyxy original pixels -> integer box on a frame of sx x sy units (round half up, clipped to it)."""
+    x1, y1, x2, y2 = (float(v) for v in xyxy)
+    scaled = (x1 / width * sx, y1 / height * sy, x2 / width * sx, y2 / height * sy)
+    bounds = (sx, sy, sx, sy)
+    return tuple(int(min(max(math.floor(v + 0.5), 0), b)) for v, b in zip(scaled, bounds))  # type: ignore[return-value]
+
+
+def format_qwen_box(box: Sequence[float]) -> str:
+    """'[{"bbox_2d": [61, 36, 92, 83]}]' (Qwen-VL's JSON grounding answer, integers, no label)."""
+    return '[{"bbox_2d": [' + ", ".join(str(int(round(float(v)))) for v in box) + "]}]"
+
+
+# "bbox_2d": [a, b, c, d] (JSON key, single or double quotes), then any plain [a, b, c, d] list.
+_RE_QWEN_BBOX = re.compile(r"""["']bbox_2d["']\s*:\s*\[""" + _FOUR + r"\]")
+
+
+def parse_qwen_box(text: str) -> Box | None:
+    """The first '"bbox_2d": [a, b, c, d]' of a JSON answer, else the first '[a, b, c, d]'; None if neither."""
+    if not isinstance(text, str):
+        return None
+    found = _first_finite(_RE_QWEN_BBOX, text)
     return found if found is not None else _first_finite(_RE_BRACKET4, text)
 
 

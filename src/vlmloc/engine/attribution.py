@@ -83,8 +83,10 @@ def integrated_gradients(
         out = adapter.model(
             inputs_embeds=e,
             attention_mask=mask.expand(rows.shape[0], -1),
-            position_ids=position_ids.expand(rows.shape[0], -1),
-            logits_to_keep=0 if answer_ids is not None else 1,
+            # batch is the second to last axis: [batch, seq], or [3, batch, seq] for M-RoPE
+            position_ids=position_ids.expand(*position_ids.shape[:-2], rows.shape[0], -1),
+            # only the positions that predict the answer (t > n: it ends the sequence)
+            logits_to_keep=1 if answer_ids is None else answer_ids.numel() + 1,
         )
         return _answer_logprob(adapter, out.logits, answer_ids)
 

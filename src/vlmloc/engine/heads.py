@@ -163,6 +163,11 @@ class LayerInputs:
     logits: [1, seq, vocab] of the clean run.
     heads: per layer L, its o_proj input [1, seq, n_heads * head_dim] (every head's output), so a
         restart at L can reuse L's attention instead of recomputing it.
+    between: per layer L < last, what the decoder stack adds to the residual stream between layer L's
+        output and layer L+1's input outside the layers [1, seq, hidden] (Qwen3-VL's DeepStack adds
+        merged ViT features at the visual positions after its first layers), None where nothing is
+        added (LLaVA, InternVL, Qwen2.5-VL: every entry None). The additions do not depend on the LM's
+        state, so restarts add the clean run's.
     """
 
     hidden: list[torch.Tensor]
@@ -171,6 +176,7 @@ class LayerInputs:
     logits: torch.Tensor
     seq_len: int = field(default=0)
     heads: list[torch.Tensor] | None = None
+    between: list[torch.Tensor | None] | None = None
 
 
 @torch.no_grad()
@@ -190,15 +196,29 @@ def capture_layer_inputs(adapter: VLMAdapter, inputs: dict[str, torch.Tensor]) -
 
         return hook
 
+    outputs: list[torch.Tensor] = [None] * adapter.n_layers  # type: ignore[list-item]
+
+    def keep_output(i: int):
+        def hook(_call: Call, output: Any) -> None:
+            outputs[i] = (output[0] if isinstance(output, tuple) else output).detach()
+
+        return hook
+
     hooks = Hooks()
     for i, layer in enumerate(adapter.layers):
-        hooks.before(layer, keep_input(i))
+        hooks.before(layer, keep_input(i)).after(layer, keep_output(i))
         hooks.before(adapter.o_proj(i), lambda call, i=i: heads.__setitem__(i, call.hidden.detach()))
     cache = DynamicCache(config=adapter.text_config)
     with hooks:
         out = adapter.model(**inputs, **cache_argument(adapter.model, cache), use_cache=True)
+    between: list[torch.Tensor | None] = []
+    for i in range(adapter.n_layers - 1):
+        # the same tensor when the stack only chains its layers: no subtraction, nothing added
+        a, b = hidden[i + 1], outputs[i]
+        same = (a.data_ptr() == b.data_ptr() and a.shape == b.shape and a.stride() == b.stride()) or torch.equal(a, b)
+        between.append(None if same else hidden[i + 1] - outputs[i])
     return LayerInputs(hidden=hidden, layer_call=first[0], cache=cache, logits=out.logits.detach(),
-                       seq_len=inputs["input_ids"].shape[1], heads=heads)
+                       seq_len=inputs["input_ids"].shape[1], heads=heads, between=between)
 
 
 class PrefilledKV:
@@ -268,6 +288,15 @@ def _pre_norm_layer(
     return h + layer.mlp(layer.post_attention_layernorm(h))
 
 
+def _add_between(clean: LayerInputs, layer: int, h: torch.Tensor, start: int) -> torch.Tensor:
+    """h [rows, q, hidden] after `layer` plus the clean run's addition before the next layer (its last q
+    positions of those from `start` on), if the stack adds anything there."""
+    add = clean.between[layer] if clean.between is not None and layer < len(clean.between) else None
+    if add is None:
+        return h
+    return h + add[:, start:][:, -h.shape[1] :]
+
+
 @torch.no_grad()
 def run_from_layer(
     adapter: VLMAdapter,
@@ -316,12 +345,13 @@ def run_from_layer(
         heads = clean.heads[i][:, start:].expand(n_rows, -1, -1) if reuse_attention and i == layer else None
         keep = keep_last if i == last and keep_last is not None and keep_last < h.shape[1] else None
         if (heads is not None or keep is not None) and _is_pre_norm(mod):
-            h = _pre_norm_layer(mod, h, kw, heads, keep)
+            h = _add_between(clean, i, _pre_norm_layer(mod, h, kw, heads, keep), start)
             continue
         if heads is not None:
             raise ValueError(f"reuse_attention: layer {i} is not a plain pre-norm decoder layer ({type(mod).__name__})")
         h = mod(h, **kw)
         h = h[0] if isinstance(h, tuple) else h
+        h = _add_between(clean, i, h, start)
     if keep_last is not None:
         h = h[:, -keep_last:]
     return adapter.model.lm_head(adapter.language_model.norm(h))

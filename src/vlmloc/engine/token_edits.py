@@ -15,6 +15,11 @@ Two kinds cover the token-level experiments: `replace` (set positions to one vec
 and `copy` (positions take the embeddings found at other positions of the same clean row:
 shuffle, object extension). Copies read the unedited embeddings, so a permutation is a true
 permutation whatever the order of its entries.
+
+Where visual features also enter the LM after its first layers (Qwen3-VL's DeepStack, the family
+table's `lm_visual_features`), the same edits apply to those features, so a token edited at the
+input is edited everywhere its image content enters: copies move them along with the token, and
+a replaced token gets no later addition (zero), its image content gone.
 """
 
 from __future__ import annotations
@@ -86,10 +91,27 @@ def edit_lm_input(adapter: VLMAdapter, edits: Sequence[Sequence[TokenEdit]]) -> 
         yield
         return
 
+    side = adapter.facts.lm_visual_features
+
     def edit(call: Call) -> Call | None:
         if call.inputs_embeds is None or not call.is_prefill:
             return None
-        return call.replace(inputs_embeds=apply_edits(call.inputs_embeds, edits))
+        changes: dict = {"inputs_embeds": apply_edits(call.inputs_embeds, edits)}
+        if side is not None and call.kwargs.get(side[0]) is not None:
+            feats, mask = call.kwargs[side[0]], call.kwargs[side[1]]
+            changes[side[0]] = [edit_visual_features(f, mask, edits) for f in feats]
+        return call.replace(**changes)
 
     with Hooks().before(adapter.language_model, edit):
         yield
+
+
+def edit_visual_features(features: torch.Tensor, mask: torch.Tensor, edits: Sequence[Sequence[TokenEdit]]) -> torch.Tensor:
+    """[n_visual, hidden] features of the True positions of mask [batch, seq] (row-major) -> edited copy:
+    copies as at the LM input, replaced positions set to zero."""
+    b, t = mask.shape
+    dense = features.new_zeros(b, t, features.shape[-1])
+    dense[mask] = features
+    zero = features.new_zeros(features.shape[-1])
+    side = [[e if e.src is not None else TokenEdit.replace(e.dst, zero) for e in row] for row in edits]
+    return apply_edits(dense, side)[mask]

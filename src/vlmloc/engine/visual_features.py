@@ -29,8 +29,9 @@ def projector_io(adapter: VLMAdapter, batch: PreparedBatch) -> tuple[list[torch.
 
     with Hooks().after(adapter.projector, keep):
         adapter.model(**batch.inputs, logits_to_keep=1)
-    ins = seen["in"].reshape(-1, seen["in"].shape[-1]).float().cpu()
-    outs = seen["out"].reshape(-1, seen["out"].shape[-1]).float().cpu()
+    # one row per visual token in layout order (Qwen-VL's merger sees 2x2 patch blocks in window order)
+    ins, outs = adapter.projector_rows(seen["in"], seen["out"], batch.inputs.get("image_grid_thw"))
+    ins, outs = ins.float().cpu(), outs.float().cpu()
     sizes = [layout.n_visual for layout in batch.layouts]
     return list(torch.split(ins, sizes)), list(torch.split(outs, sizes))
 

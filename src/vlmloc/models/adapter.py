@@ -32,7 +32,8 @@ class PreparedBatch:
     """A processor output on the model's device plus one VisualLayout per row.
 
     inputs: input_ids / attention_mask [batch, seq], position_ids [batch, seq] (left padding
-    aware), pixel_values [n_images_or_tiles, 3, H, W].
+    aware; [3, batch, seq] M-RoPE indices for Qwen-VL), pixel_values [n_images_or_tiles, 3, H, W]
+    (Qwen-VL: [n_patches, patch_dim] plus image_grid_thw [n_images, 3] and mm_token_type_ids).
     """
 
     inputs: dict[str, torch.Tensor]
@@ -171,8 +172,7 @@ class VLMAdapter(ABC):
         inputs = {k: v for k, v in enc.items() if isinstance(v, torch.Tensor)}
         if self.tokenizer.padding_side != "left":
             raise ValueError("the tokenizer must pad on the left for batched generation")
-        mask = inputs["attention_mask"]
-        inputs["position_ids"] = (mask.long().cumsum(-1) - 1).clamp(min=0)
+        inputs["position_ids"] = self.position_ids(inputs)
         layouts = [
             self.layout(inputs["input_ids"][i], im.width, im.height) for i, im in enumerate(images)
         ]
@@ -180,6 +180,18 @@ class VLMAdapter(ABC):
         if "pixel_values" in inputs:
             inputs["pixel_values"] = inputs["pixel_values"].to(self.model.dtype)
         return PreparedBatch(inputs=inputs, layouts=layouts)
+
+    def position_ids(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Position ids of a processor output: [batch, seq] counting from each row's first real token
+        (left padding); families with multi-axis rotary positions return [axes, batch, seq] (the batch
+        axis is always the second to last)."""
+        return (inputs["attention_mask"].long().cumsum(-1) - 1).clamp(min=0)
+
+    def projector_rows(self, ins: torch.Tensor, outs: torch.Tensor, grid_thw: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The projector's input and output as a hook sees them -> one row per visual token each,
+        [n_visual_total, d_in] and [n_visual_total, hidden], in layout order (row by row).
+        grid_thw: the batch's `image_grid_thw` where the processor returns one, else None."""
+        return ins.reshape(-1, ins.shape[-1]), outs.reshape(-1, outs.shape[-1])
 
     def processor_kwargs(self) -> dict[str, Any]:
         """Extra keyword arguments for the processor call (family specific)."""

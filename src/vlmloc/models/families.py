@@ -36,6 +36,10 @@ class Family:
     image_processor: str  # transformers PIL image-processor class name
     image_placeholder: str  # one image in a prompt, before the processor expands it
     sites: Mapping[str, str]  # site -> dotted module path from the model root
+    # (features keyword, visual-mask keyword) of the decoder stack's call when visual features also
+    # enter the LM after its first layers (Qwen3-VL's DeepStack: a list of [n_visual, hidden] added
+    # at the positions where the [batch, seq] mask is True); None when the LM input is the only entry.
+    lm_visual_features: tuple[str, str] | None = None
 
 
 FAMILIES: dict[str, Family] = {
@@ -66,6 +70,40 @@ FAMILIES: dict[str, Family] = {
             "vision": "model.vision_tower",
             "vision.layers": "model.vision_tower.encoder.layer",  # InternViT
         },
+    ),
+    # Qwen2.5-VL: ViT with window attention (full attention in `fullatt_block_indexes`), a 2x2 patch
+    # merger as projector, Qwen2 LM with M-RoPE.
+    "qwen2_5vl": Family(
+        name="qwen2_5vl",
+        model_type="qwen2_5_vl",
+        model_class="Qwen2_5_VLForConditionalGeneration",
+        image_processor="Qwen2VLImageProcessorPil",
+        image_placeholder="<|image_pad|>",
+        sites={
+            "lm": "model.language_model",
+            "lm.layers": "model.language_model.layers",
+            "projector": "model.visual.merger",
+            "vision": "model.visual",
+            "vision.layers": "model.visual.blocks",
+        },
+    ),
+    # Qwen3-VL: ViT with full attention and learned position embeddings, a 2x2 merger, DeepStack
+    # (merged features of some ViT layers added to the first LM layers' visual positions), Qwen3 LM
+    # with interleaved M-RoPE.
+    "qwen3vl": Family(
+        name="qwen3vl",
+        model_type="qwen3_vl",
+        model_class="Qwen3VLForConditionalGeneration",
+        image_processor="Qwen2VLImageProcessorPil",
+        image_placeholder="<|image_pad|>",
+        sites={
+            "lm": "model.language_model",
+            "lm.layers": "model.language_model.layers",
+            "projector": "model.visual.merger",
+            "vision": "model.visual",
+            "vision.layers": "model.visual.blocks",
+        },
+        lm_visual_features=("deepstack_visual_embeds", "visual_pos_masks"),
     ),
 }
 

@@ -21,11 +21,13 @@ from vlmloc.models.adapter import VLMAdapter
 from vlmloc.models.families import family as family_facts
 from vlmloc.models.internvl import InternVLAdapter
 from vlmloc.models.llava import LlavaAdapter
+from vlmloc.models.qwen import Qwen3VLAdapter, QwenVLAdapter
 
 log = logging.getLogger("vlmloc.models")
 
 # What is not data in the family table (prompts' parsing, layouts): one adapter class per family.
-ADAPTERS: dict[str, type[VLMAdapter]] = {"llava": LlavaAdapter, "internvl": InternVLAdapter}
+ADAPTERS: dict[str, type[VLMAdapter]] = {"llava": LlavaAdapter, "internvl": InternVLAdapter,
+                                         "qwen2_5vl": QwenVLAdapter, "qwen3vl": Qwen3VLAdapter}
 _WEIGHT_GLOBS = ("*.safetensors", "*.bin", "*.safetensors.index.json", "*.bin.index.json")
 # Example corpus for tiny tokenizers: any other word is still spelled from the byte alphabet.
 _TINY_WORDS = ("cat", "person", "cup", "rocket", "dog", "car", "circle", "square", "triangle", "star")
@@ -113,6 +115,10 @@ def _load_processor(family: str, path: str, revision: str | None) -> Any:
             vision_feature_select_strategy=mcfg.vision_feature_select_strategy,
             num_additional_image_tokens=1,
         )
+    if family in ("qwen2_5vl", "qwen3vl"):
+        from vlmloc.models.processors import qwen_image_processor
+
+        return qwen_image_processor(family_facts(family).model_type, image_processor, tok)
     return InternVLImageProcessor(
         image_processor=image_processor,
         tokenizer=tok,

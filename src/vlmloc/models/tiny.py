@@ -1,4 +1,4 @@
-"""Random-weight tiny builds of the real LLaVA-1.5 and InternVL-3.5 classes, fully offline.
+"""Random-weight tiny builds of the real LLaVA-1.5, InternVL-3.5, Qwen2.5-VL and Qwen3-VL classes, fully offline.
 
 The tiny models keep every real code path (vision tower, projector, masked_scatter, the LM
 decoder, generation); only the sizes differ. Their tokenizers are small BPEs trained in-process
@@ -33,12 +33,17 @@ from transformers import (
     LlavaProcessor,
     PreTrainedModel,
     ProcessorMixin,
+    Qwen2_5_VLConfig,
+    Qwen2_5_VLForConditionalGeneration,
     Qwen2Tokenizer,
+    Qwen2VLImageProcessorPil,
     Qwen3Config,
+    Qwen3VLConfig,
+    Qwen3VLForConditionalGeneration,
 )
 from transformers.image_utils import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 
-from vlmloc.models.processors import InternVLImageProcessor
+from vlmloc.models.processors import InternVLImageProcessor, qwen_image_processor
 
 # Characters every tiny tokenizer can spell, so no prompt or answer ever hits <unk>.
 _ALPHABET = [chr(c) for c in range(32, 127)] + ["\n"]
@@ -51,6 +56,15 @@ INTERNVL_SPECIALS = {
     "img_end": "</img>",
     "img_context": "<IMG_CONTEXT>",
     "video": "<video>",
+}
+QWEN_SPECIALS = {
+    "eos": "<|im_end|>",
+    "pad": "<|endoftext|>",
+    "start": "<|im_start|>",
+    "vision_start": "<|vision_start|>",
+    "vision_end": "<|vision_end|>",
+    "image": "<|image_pad|>",
+    "video": "<|video_pad|>",
 }
 
 
@@ -90,25 +104,30 @@ def tiny_llava_tokenizer(corpus: Iterable[str], vocab_size: int) -> LlamaTokeniz
     return tok
 
 
-def tiny_internvl_tokenizer(corpus: Iterable[str], vocab_size: int) -> Qwen2Tokenizer:
-    """Byte-level BPE as Qwen2Tokenizer, with InternVL's image special tokens."""
+def _byte_level_tokenizer(corpus: Iterable[str], vocab_size: int, specials: dict[str, str],
+                          named: dict[str, str]) -> Qwen2Tokenizer:
+    """Byte-level BPE as Qwen2Tokenizer (InternVL-3.5 and Qwen-VL both use it): `named` maps the
+    processor's attribute names to keys of `specials`; the chat start and eos are added too."""
     vocab, merges = _train_bpe(corpus, vocab_size, metaspace=False)
-    s = INTERNVL_SPECIALS
-    tok = Qwen2Tokenizer(
-        vocab=vocab,
-        merges=merges,
-        eos_token=s["eos"],
-        pad_token=s["pad"],
-        extra_special_tokens={
-            "start_image_token": s["img_start"],
-            "end_image_token": s["img_end"],
-            "context_image_token": s["img_context"],
-            "video_token": s["video"],
-        },
-    )
-    tok.add_special_tokens({"additional_special_tokens": [s["start"], s["eos"]]})
+    tok = Qwen2Tokenizer(vocab=vocab, merges=merges, eos_token=specials["eos"], pad_token=specials["pad"],
+                         extra_special_tokens={name: specials[key] for name, key in named.items()})
+    tok.add_special_tokens({"additional_special_tokens": [specials["start"], specials["eos"]]})
     tok.padding_side = "left"
     return tok
+
+
+def tiny_internvl_tokenizer(corpus: Iterable[str], vocab_size: int) -> Qwen2Tokenizer:
+    """InternVL's image special tokens."""
+    return _byte_level_tokenizer(corpus, vocab_size, INTERNVL_SPECIALS, {
+        "start_image_token": "img_start", "end_image_token": "img_end", "context_image_token": "img_context",
+        "video_token": "video"})
+
+
+def tiny_qwen_tokenizer(corpus: Iterable[str], vocab_size: int) -> Qwen2Tokenizer:
+    """Qwen-VL's chat and vision special tokens."""
+    return _byte_level_tokenizer(corpus, vocab_size, QWEN_SPECIALS, {
+        "image_token": "image", "video_token": "video", "vision_start_token": "vision_start",
+        "vision_end_token": "vision_end"})
 
 
 def _vocab_size(tok: Any) -> int:
@@ -190,6 +209,50 @@ def build_tiny_internvl(tiny: Mapping[str, Any], corpus: Iterable[str]) -> tuple
     return model, processor
 
 
+# Real geometry of each Qwen family: patch size, merge, and the image processor's normalisation
+# (Qwen2.5-VL: CLIP mean/std; Qwen3-VL: 0.5 / 0.5, as their preprocessor_config.json).
+_QWEN = {
+    "qwen2_5vl": (Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, "qwen2_5_vl", 14, OPENAI_CLIP_MEAN, OPENAI_CLIP_STD),
+    "qwen3vl": (Qwen3VLConfig, Qwen3VLForConditionalGeneration, "qwen3_vl", 16, [0.5] * 3, [0.5] * 3),
+}
+
+
+def build_tiny_qwen(family: str, tiny: Mapping[str, Any], corpus: Iterable[str]) -> tuple[PreTrainedModel, ProcessorMixin]:
+    """A Qwen2_5_VLForConditionalGeneration / Qwen3VLForConditionalGeneration with the real patch size,
+    2x2 merge and M-RoPE, tiny widths (`tiny.vision`, `tiny.text`, `tiny.rope`: mrope_section sums to
+    head_dim / 2) and an offline tokenizer."""
+    config_cls, model_cls, model_type, patch, mean, std = _QWEN[family]
+    tiny = _plain(tiny)  # strict config fields want plain lists, not OmegaConf ListConfig
+    tok = tiny_qwen_tokenizer(corpus, int(tiny["tokenizer_vocab_size"]))
+    vision = dict(patch_size=patch, spatial_merge_size=2, temporal_patch_size=2, **tiny["vision"])
+    vision["out_hidden_size"] = int(tiny["text"]["hidden_size"])
+    rope = {"rope_type": "default", **tiny["rope"]}
+    text = dict(
+        vocab_size=_vocab_size(tok),
+        pad_token_id=tok.pad_token_id,
+        eos_token_id=tok.eos_token_id,
+        bos_token_id=None,
+        max_position_embeddings=8192,
+        tie_word_embeddings=False,
+        rope_parameters=rope,
+        **dict(tiny["text"]),
+    )
+    ids = {name: tok.convert_tokens_to_ids(QWEN_SPECIALS[key]) for name, key in
+           [("image_token_id", "image"), ("video_token_id", "video"), ("vision_start_token_id", "vision_start"),
+            ("vision_end_token_id", "vision_end")]}
+    cfg = config_cls(vision_config=vision, text_config=text, tie_word_embeddings=False, **ids)
+    model = _init(model_cls, cfg, int(tiny["seed"]))
+    image_processor = Qwen2VLImageProcessorPil(patch_size=patch, merge_size=2, temporal_patch_size=2,
+                                               image_mean=mean, image_std=std)
+    return model, qwen_image_processor(model_type, image_processor, tok)
+
+
+def _plain(tiny: Mapping[str, Any]) -> dict[str, Any]:
+    from omegaconf import OmegaConf
+
+    return OmegaConf.to_container(tiny, resolve=True) if OmegaConf.is_config(tiny) else dict(tiny)  # type: ignore[return-value]
+
+
 def _init(cls: type[PreTrainedModel], cfg: Any, seed: int) -> PreTrainedModel:
     torch.manual_seed(seed)
     model = cls._from_config(cfg, dtype=torch.float32)
@@ -202,8 +265,10 @@ def _init(cls: type[PreTrainedModel], cfg: Any, seed: int) -> PreTrainedModel:
 
 
 def build_tiny(family: str, tiny: Mapping[str, Any], corpus: Iterable[str]) -> tuple[PreTrainedModel, ProcessorMixin]:
-    """Dispatch on the model family ("llava" or "internvl")."""
-    builders = {"llava": build_tiny_llava, "internvl": build_tiny_internvl}
+    """Dispatch on the model family ("llava", "internvl", "qwen2_5vl", "qwen3vl")."""
+    builders = {"llava": build_tiny_llava, "internvl": build_tiny_internvl,
+                "qwen2_5vl": lambda t, c: build_tiny_qwen("qwen2_5vl", t, c),
+                "qwen3vl": lambda t, c: build_tiny_qwen("qwen3vl", t, c)}
     if family not in builders:
         raise ValueError(f"unknown model family {family!r}; expected one of {sorted(builders)}")
     return builders[family](tiny, corpus)
