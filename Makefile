@@ -8,7 +8,7 @@ REAL_FILES ?= ../shared/real_configs/llava-1.5-7b-hf
 
 WHICH ?= newest
 
-.PHONY: help install constraints ci train-demo demo baseline table1 table2 table3 fig1 fig2 fig3 fig4 fig5 pairs bench test test-slow test-all clean
+.PHONY: help install constraints ci train-demo demo baseline table1 table2 table3 fig1 fig2 fig3 fig4 fig5 pairs paper paper-smoke bench test test-slow test-all clean
 
 help:  ## list the targets
 	@grep -E '^[a-zA-Z0-9_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  %-12s %s\n", $$1, $$2}'
@@ -53,6 +53,12 @@ fig5:  ## head ablation (Fig. 5, 15) from a cma run, e.g. make fig5 MODEL=llava7
 
 pairs:  ## object-removal pairs, e.g. make pairs MODEL=llava7b DATA=coco ARGS="data.root=/data/coco inpaint=lama inpaint.checkpoint=/ckpt/big-lama.pt"
 	$(PY) -m vlmloc experiment=make_pairs model=$(MODEL) data=$(DATA) $(ARGS)
+
+paper:  ## the whole paper for one model, then report.md / report.html: make paper MODEL=llava7b DATA=coco ARGS="data.root=/data/coco experiment.probe_root=/data/imagenet"
+	$(PY) -m vlmloc experiment=paper model=$(MODEL) data=$(DATA) $(ARGS)
+
+paper-smoke:  ## experiment=paper at CI size on a CPU (demo models): make paper-smoke MODEL=demo_internvl
+	$(PY) -m vlmloc experiment=paper_smoke model=$(MODEL) inpaint=oracle $(ARGS)
 
 bench:  ## the paper-scale timing on a GPU (random weights of a real config): make bench REAL_FILES=/path/llava-1.5-7b-hf
 	PYTHONPATH=src $(PY) scripts/bench_paper.py --config-dir $(REAL_FILES) --out outputs/bench $(ARGS)

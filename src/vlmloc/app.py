@@ -11,6 +11,7 @@ from __future__ import annotations
 import importlib
 import inspect
 import logging
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -40,7 +41,7 @@ def check_root_config(cfg: DictConfig) -> None:
         raise ConfigError(f"data.n must be an integer >= 1 or null (= every sample), got {n!r}")
 
 
-def run(cfg: DictConfig, run_dir: Path, adapter: VLMAdapter | None = None,
+def run(cfg: DictConfig, run_dir: Path, adapter: VLMAdapter | Callable[[], VLMAdapter] | None = None,
         data: tuple[list[Sample], list[dict[str, Any]]] | None = None, baseline_from: Path | None = None) -> None:
     """Run `cfg.experiment.name` into `run_dir`, holding its writer lock (`vlmloc.rundir`).
 
@@ -48,7 +49,8 @@ def run(cfg: DictConfig, run_dir: Path, adapter: VLMAdapter | None = None,
     before data or model load (`vlmloc.rundir.check_run_config`), except for experiments with
     `RECOMPUTES_CHANGED_CONFIG = True`, which key their own rows by the settings that made them.
 
-    adapter: an already loaded model of `cfg.model` (experiment=suite shares one across its runs);
+    adapter: an already loaded model of `cfg.model`, or a function returning it on first use
+    (experiment=suite shares one across its runs);
     data: the already loaded samples and filter report of `cfg.data` (likewise);
     baseline_from: a finished run with this run's baseline rows (`RunContext.baseline_from`).
     """
@@ -74,8 +76,10 @@ def run(cfg: DictConfig, run_dir: Path, adapter: VLMAdapter | None = None,
         raise ConfigError(f"experiment={name} cannot be sharded (shard.count={shard.count}): only experiments that "
                           f"split their work by sample and report after the merge can; run it with shard.count=1")
     ctx = RunContext(cfg=cfg, run_dir=Path(run_dir), baseline_from=baseline_from, shard=shard)
-    if adapter is not None:
+    if isinstance(adapter, VLMAdapter):
         ctx.__dict__["adapter"] = adapter  # seeds the cached_property
+    elif adapter is not None:
+        ctx.adapter_from = adapter
     if data is not None:
         ctx.__dict__["_data"] = data
     ctx.run_dir.mkdir(parents=True, exist_ok=True)

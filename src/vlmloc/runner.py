@@ -53,6 +53,9 @@ class RunContext:
     # tasks and prompts): `evaluate` copies them instead of recomputing.
     baseline_from: Path | None = None
     shard: Shard = field(default_factory=Shard)
+    # Where the model comes from when this run shares another's (experiment=suite / paper): called
+    # on first use, so a finished run that needs no model loads none.
+    adapter_from: Callable[[], VLMAdapter] | None = None
 
     @cached_property
     def work_samples(self) -> list[Sample]:
@@ -98,6 +101,8 @@ class RunContext:
     @cached_property
     def adapter(self) -> VLMAdapter:
         """The model; sharded on a host with several GPUs (model.device=auto), shard i takes GPU i mod n."""
+        if self.adapter_from is not None:
+            return self.adapter_from()
         model_cfg = self.cfg.model
         n_gpus = torch.cuda.device_count()
         if self.shard.sharded and str(model_cfg.device) == "auto" and model_cfg.get("device_map") is None and n_gpus > 1:

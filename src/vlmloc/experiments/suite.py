@@ -11,6 +11,7 @@ from __future__ import annotations
 import importlib
 import logging
 from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -90,21 +91,42 @@ def _changed(cfg: Any, default: Any) -> Any:
 _SAME = object()
 
 
-def run_config(cfg: DictConfig, name: str) -> DictConfig:
+def run_config(cfg: DictConfig, name: str, data: Mapping[str, Any] | None = None,
+               fill: Mapping[str, str] | None = None) -> DictConfig:
     """The config `experiment=<name>` gets with this command's other overrides: Hydra composes
     `experiment=<name>` (its own defaults list included, e.g. make_pairs' inpaint backend), then
     every value this command set differently from the plain suite is laid over it, then
-    `experiment.overrides.<name>`."""
+    `experiment.overrides.<name>`.
+
+    data: values laid over the run's data (experiment=paper: CMA on the pairs). With `config`, a
+    data group replaces the command's data (whose values are then not used); without, the values
+    go over the command's data. fill: `{key}` placeholders in those values and in the overrides, e.g. {dir}."""
     _check_exists(name)
-    own = OmegaConf.to_container(_compose([f"experiment={name}"]), resolve=False)
+    data = dict(data or {})
+    group = [f"data={data.pop('config')}"] if "config" in data else []
+    own = OmegaConf.to_container(_compose([f"experiment={name}", *group]), resolve=False)
     plain = OmegaConf.to_container(_compose([f"experiment={cfg.experiment.name}"]), resolve=False)
     mine = OmegaConf.to_container(cfg, resolve=False)
-    for key in ("experiment", "hydra"):
+    for key in ("experiment", "hydra") + (("data",) if group else ()):
         mine.pop(key, None)
     changed = _changed(mine, plain)
     extra = (cfg.experiment.get("overrides") or {}).get(name) or {}
+    extra = OmegaConf.to_container(extra, resolve=False) if isinstance(extra, DictConfig) else dict(extra)
     own.pop("hydra", None)
-    return OmegaConf.merge(own, {} if changed is _SAME else changed, {"experiment": extra})
+    return OmegaConf.merge(own, {} if changed is _SAME else changed,
+                           {"experiment": _fill(extra, fill or {}), "data": _fill(data, fill or {})})
+
+
+def _fill(node: Any, fill: Mapping[str, str]) -> Any:
+    """`node` with `{key}` in its strings replaced by fill[key]."""
+    if isinstance(node, dict):
+        return {k: _fill(v, fill) for k, v in node.items()}
+    if isinstance(node, list):
+        return [_fill(v, fill) for v in node]
+    if isinstance(node, str):
+        for key, value in fill.items():
+            node = node.replace("{" + key + "}", value)
+    return node
 
 
 def check_config(cfg: DictConfig) -> None:
@@ -120,22 +142,30 @@ def _without_experiment(cfg: DictConfig) -> dict:
     return {k: v for k, v in fingerprint(cfg).items() if k != "experiment"}
 
 
-def run(ctx: RunContext) -> None:
+def run_each(ctx: RunContext, runs: Sequence[tuple[str, DictConfig]]) -> list[str]:
+    """Run each (name, config) into `<run_dir>/<name>/` with this run's model, loaded once when the
+    first run needs it (a finished run needs none), and its data where a
+    run's data is the same); a run whose config differs from baseline's only in its experiment node
+    reuses baseline's rows. Returns a summary.md part per run (its tables)."""
     from vlmloc.app import run as run_one
 
-    st = settings(ctx.cfg)
     parts, baseline = [], None
     shared_data = OmegaConf.to_container(ctx.cfg.data, resolve=True)
-    for name in st.runs:
-        sub = run_config(ctx.cfg, name)
-        log.info("suite: experiment=%s into %s", name, ctx.run_dir / name)
+    for name, sub in runs:
+        log.info("%s: experiment=%s into %s", ctx.cfg.experiment.name, name, ctx.run_dir / name)
         data = ctx._data if OmegaConf.to_container(sub.data, resolve=True) == shared_data else None
         reuse = baseline[0] if baseline is not None and _without_experiment(sub) == baseline[1] else None
-        run_one(sub, ctx.run_dir / name, adapter=ctx.adapter, data=data, baseline_from=reuse)
+        run_one(sub, ctx.run_dir / name, adapter=lambda: ctx.adapter, data=data, baseline_from=reuse)
         if name == "baseline":
             baseline = (ctx.run_dir / name, _without_experiment(sub))
         tables = sorted((ctx.run_dir / name).glob("*.md"))  # each experiment names its own (summary.md, table1_*.md, ...)
         parts.append(f"## {name}\n\n" + "\n".join(f"{t.name}:\n\n{t.read_text()}" for t in tables))
+    return parts
+
+
+def run(ctx: RunContext) -> None:
+    st = settings(ctx.cfg)
+    parts = run_each(ctx, [(name, run_config(ctx.cfg, name)) for name in st.runs])
     (ctx.run_dir / "summary.md").write_text("\n".join(parts))
     print(f"\nsuite | model={ctx.cfg.model.name} | data={ctx.cfg.data.name} | {ctx.run_dir}: "
           + ", ".join(f"{n}/" for n in st.runs))

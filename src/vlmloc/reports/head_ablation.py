@@ -100,7 +100,7 @@ def write(results: pd.DataFrame, run_dir: Path, cfg: Any, *, names: Sequence[str
         f"Heads ranked per task by {exp.rank_by} MF over valid rows (positions={exp.mf_positions}); the top k ablated together "
         f"({exp.ablation} ablation, every position). random: as many heads per layer as the top-k set, drawn uniformly "
         "(control). cls_critical: the classification ranking's top k, measured on localization. loc: mean over "
-        "IoU 0.5/0.7/0.9 of the hit rates (%); cls: % yes; deltas in points vs baseline.",
+        "IoU 0.5/0.7/0.9 of the hit rates (%); cls: % correct (model.classification.mode: the list names the category, or yes wins); deltas in points vs baseline.",
         "",
         to_markdown(table),
         "",

@@ -109,7 +109,7 @@ def write(results: pd.DataFrame, run_dir: Path, cfg: Any, *, names: Sequence[str
         f"Attention from every position after the image (prompt and generated answer) to the key tokens is "
         f"blocked in the listed layers (windows of {int(cfg.experiment.window)}, then single layers). keys: object = "
         "the object's tokens; random = as many random visual tokens (control). key_tokens: mean keys blocked per "
-        "row. loc: mean over IoU 0.5/0.7/0.9 of the hit rates (%); cls: % yes; deltas in points vs baseline.",
+        "row. loc: mean over IoU 0.5/0.7/0.9 of the hit rates (%); cls: % correct (model.classification.mode: the list names the category, or yes wins); deltas in points vs baseline.",
         "",
         to_markdown(table),
         "",

@@ -80,7 +80,7 @@ def table_markdown(
             "Object tokens replaced with the mean visual embedding in the global thumbnail, the local crops, or both. "
             f"Size bins on area_frac = object area / image area, left-closed edges {list(edges)} -> {list(labels)}; "
             "n = objects per bin and task. Localization accuracy: mean over IoU 0.5/0.7/0.9 of the hit rates; "
-            "classification: % yes."
+            "classification: % correct (model.classification.mode)."
         ),
         "",
         f"## Images with a thumbnail (multi-tile); {n_single} single-tile object(s) reported separately below",
