@@ -25,6 +25,15 @@ def test_groups_hold_the_paper_models_and_data():
         assert f.read_text().startswith("# @package _global_"), f"{f.name} must start with '# @package _global_'"
 
 
+def _base_experiment(name: str) -> str:
+    """The experiment a file runs: its own name, or, for a preset whose defaults list starts from
+    another experiment file (paper_smoke: paper), that one's."""
+    node = OmegaConf.load(Path(CONFIG_DIR) / "experiment" / f"{name}.yaml")
+    bases = [d for d in node.get("defaults", []) if isinstance(d, str) and d != "_self_"
+             and (Path(CONFIG_DIR) / "experiment" / f"{d}.yaml").exists()]
+    return _base_experiment(bases[0]) if bases else name
+
+
 @pytest.mark.parametrize("model", _group("model"))
 @pytest.mark.parametrize("data", _group("data"))
 @pytest.mark.parametrize("experiment", _group("experiment"))
@@ -36,7 +45,7 @@ def test_every_config_composes_and_resolves(model, data, experiment):
 
     assert resolved["model"]["family"] in FAMILIES
     assert resolved["data"]["name"] == data
-    assert resolved["experiment"]["name"] == experiment
+    assert resolved["experiment"]["name"] == _base_experiment(experiment)
     assert "{question}" in resolved["model"]["prompts"]["template"]
 
 
