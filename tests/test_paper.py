@@ -74,6 +74,9 @@ def test_paper_smoke_on_demo_internvl_includes_the_view_ablation(tmp_path):
                 & table.accuracy.notna()]
     assert float(row["accuracy"].iloc[0]) == pytest.approx(accuracy(run_dir / "view_ablation", "baseline", "localization"))
     assert "not run" not in (run_dir / "summary.md").read_text()
+    findings = pd.read_parquet(run_dir / "findings.parquet")
+    view = findings[findings.statement == "the global view carries localization in InternVL"]
+    assert len(view) == 1 and view["verdict"].iloc[0] != "not measured" and int(view["n"].iloc[0]) == 4
 
 
 def test_paper_settings_are_checked_before_any_run(tmp_path):
