@@ -177,3 +177,15 @@ def test_bad_report_settings_are_refused_naming_their_key(override, message):
     assert message in str(err.value)
     st = settings(compose_cfg("experiment=report", "runs=[x]"))
     assert st.options().boot.resamples == 2000 and st.options().critical_mf == (0.05, 0.1, 0.2, 0.5)
+
+
+def test_accuracy_figure_is_drawn_once_per_condition_and_skips_split_tables():
+    """A table with one row per (model, task, condition) gets a PNG; one that splits a condition
+    over rows (view ablation by object size) gets none instead of mismatched points."""
+    from vlmloc.reports.report_figures import accuracy_figure
+
+    one = pd.DataFrame({"model": "m", "task": "localization", "condition": ["baseline", "object_tokens"],
+                        "accuracy": [80.0, 10.0], "acc_low": [70.0, 5.0], "acc_high": [90.0, 15.0]})
+    assert accuracy_figure(one, "t")[:8] == b"\x89PNG\r\n\x1a\n"
+    split = pd.concat([one.assign(size_bin="small"), one.assign(size_bin="large")], ignore_index=True)
+    assert accuracy_figure(split, "t") is None

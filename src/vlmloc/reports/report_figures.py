@@ -23,8 +23,10 @@ def _figure(width: float, height: float, cols: int):
 
 
 def accuracy_figure(table: pd.DataFrame, title: str) -> bytes | None:
-    """A `ci_table` (with a model column): one panel per task, conditions down the y axis."""
-    if not len(table) or "accuracy" not in table:
+    """A `ci_table` (with a model column): one panel per task, conditions down the y axis. None for
+    a table that splits a condition over several rows (e.g. by object size): its all-rows table
+    has the figure."""
+    if not len(table) or "accuracy" not in table or table.duplicated(["model", "task", "condition"]).any():
         return None
     tasks = [t for t in ("localization", "classification") if t in set(table["task"])]
     conds = list(dict.fromkeys(table["condition"]))
