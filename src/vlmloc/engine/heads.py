@@ -204,15 +204,20 @@ def capture_layer_inputs(adapter: VLMAdapter, inputs: dict[str, torch.Tensor]) -
 
         return hook
 
+    # only a family whose stack adds visual features between layers (the family table's
+    # lm_visual_features: Qwen3-VL's DeepStack) needs the layers' outputs kept and compared
+    adds = adapter.facts.lm_visual_features is not None
     hooks = Hooks()
     for i, layer in enumerate(adapter.layers):
-        hooks.before(layer, keep_input(i)).after(layer, keep_output(i))
+        hooks.before(layer, keep_input(i))
+        if adds:
+            hooks.after(layer, keep_output(i))
         hooks.before(adapter.o_proj(i), lambda call, i=i: heads.__setitem__(i, call.hidden.detach()))
     cache = DynamicCache(config=adapter.text_config)
     with hooks:
         out = adapter.model(**inputs, **cache_argument(adapter.model, cache), use_cache=True)
-    between: list[torch.Tensor | None] = []
-    for i in range(adapter.n_layers - 1):
+    between: list[torch.Tensor | None] = [] if adds else [None] * (adapter.n_layers - 1)
+    for i in range(adapter.n_layers - 1 if adds else 0):
         # the same tensor when the stack only chains its layers: no subtraction, nothing added
         a, b = hidden[i + 1], outputs[i]
         same = (a.data_ptr() == b.data_ptr() and a.shape == b.shape and a.stride() == b.stride()) or torch.equal(a, b)
