@@ -77,13 +77,19 @@ def load(cls: type[T], cfg: DictConfig) -> T:
 def check_experiment(module: Any, cfg: DictConfig) -> None:
     """Before any data or model work: an experiment module's settings (its `settings(cfg)`, else its
     `Settings` schema), then its own further checks (`check_config(cfg)`, e.g. the model family)."""
+    check_settings(module, cfg)
+    further = getattr(module, "check_config", None)
+    if further is not None:
+        further(cfg)
+
+
+def check_settings(module: Any, cfg: DictConfig) -> None:
+    """An experiment module's settings alone, without its further checks: its `settings(cfg)`, else
+    its `Settings` schema (experiment=paper checks every run's settings before the first starts)."""
     if hasattr(module, "settings"):
         module.settings(cfg)
     elif hasattr(module, "Settings"):
         load(module.Settings, cfg)
-    further = getattr(module, "check_config", None)
-    if further is not None:
-        further(cfg)
 
 
 def one_of(key: str, value: Any, allowed: Sequence[str]) -> str:

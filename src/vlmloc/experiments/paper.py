@@ -27,7 +27,7 @@ from vlmloc.experiments.suite import _compose, experiment_file, run_config, run_
 from vlmloc.reports.paper_report import write_report
 from vlmloc.reports.runs import load_runs
 from vlmloc.runner import RunContext
-from vlmloc.settings import check_experiment, load, register
+from vlmloc.settings import check_experiment, check_settings, load, register
 
 log = logging.getLogger("vlmloc.experiments.paper")
 
@@ -79,7 +79,7 @@ def planned(cfg: DictConfig, dir_: str) -> tuple[list[tuple[str, DictConfig]], d
         sub = run_config(cfg, name, data_of(st, name), {"dir": dir_})
         module = importlib.import_module(f"vlmloc.experiments.{name}")
         try:
-            check_experiment(module, sub) if name in st.optional else load_settings(module, sub)
+            check_experiment(module, sub) if name in st.optional else check_settings(module, sub)
         except ValueError as err:  # ConfigError is one
             if name not in st.optional:
                 raise
@@ -87,14 +87,6 @@ def planned(cfg: DictConfig, dir_: str) -> tuple[list[tuple[str, DictConfig]], d
             continue
         runs.append((name, sub))
     return runs, skipped
-
-
-def load_settings(module: Any, cfg: DictConfig) -> None:
-    """An experiment's settings alone (no further checks): `settings(cfg)`, else its Settings schema."""
-    if hasattr(module, "settings"):
-        module.settings(cfg)
-    elif hasattr(module, "Settings"):
-        load(module.Settings, cfg)
 
 
 def report_options(cfg: DictConfig) -> Any:
