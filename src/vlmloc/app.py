@@ -20,7 +20,7 @@ from omegaconf import DictConfig
 from vlmloc.data import Sample
 from vlmloc.errors import ConfigError, VlmlocError
 from vlmloc.models import VLMAdapter
-from vlmloc import shards
+from vlmloc import paraphrases, shards
 from vlmloc.runner import RunContext, seed_everything
 from vlmloc.settings import check_experiment
 from vlmloc.rundir import check_run_config, remove_leftovers, writer_lock
@@ -69,6 +69,7 @@ def run(cfg: DictConfig, run_dir: Path, adapter: VLMAdapter | Callable[[], VLMAd
         raise
     except ValueError as err:  # experiments state bad settings as ValueError: a user error
         raise ConfigError(str(err)) from err
+    paraphrases.chosen(cfg)  # the wordings experiment.paraphrases asks for exist
     shard = shards.from_config(cfg)
     # shardable experiments write their tables in report(ctx, rows), after the run (and the merge)
     reports = inspect.isfunction(getattr(module, "report", None))
@@ -103,3 +104,5 @@ def run(cfg: DictConfig, run_dir: Path, adapter: VLMAdapter | Callable[[], VLMAd
                 if finish is not None:
                     finish(ctx)
                 module.report(ctx, results)
+        # the robustness check: the same run under each chosen prompt wording, into paraphrases/<k>/
+        paraphrases.run_paraphrases(cfg, ctx.run_dir, run, adapter=lambda: ctx.adapter, data=ctx.__dict__.get("_data"))

@@ -2,11 +2,24 @@
 
 from __future__ import annotations
 
-import pandas as pd
+from dataclasses import dataclass
 
-from vlmloc.runner import RunContext
+import pandas as pd
+from omegaconf import MISSING
+
 from vlmloc.conditions import BASELINE
+from vlmloc.paraphrases import Paraphrased
 from vlmloc.reports.tables import add_baseline_delta, summarize, to_markdown
+from vlmloc.runner import RunContext
+from vlmloc.settings import register
+
+
+@register("baseline")
+@dataclass(frozen=True)
+class Settings(Paraphrased):
+    """experiment.* of configs/experiment/baseline.yaml, typed and checked."""
+
+    name: str = MISSING
 
 
 def run(ctx: RunContext) -> None:

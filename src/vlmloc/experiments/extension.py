@@ -53,6 +53,7 @@ from vlmloc.reports import extension as extension_report
 from vlmloc.results import TASKS
 from vlmloc.runner import RunContext
 from vlmloc.settings import at_least, load, one_of, register, subset_of
+from vlmloc.paraphrases import Paraphrased
 
 NAME = "extension"
 CELLS = ("global", "local")
@@ -68,7 +69,7 @@ def _distinct_at_least_zero(key: str, values: Sequence[int]) -> None:
 
 @register(NAME)
 @dataclass(frozen=True)
-class Settings:
+class Settings(Paraphrased):
     """experiment.* of configs/experiment/extension.yaml, typed and checked."""
 
     name: str = MISSING

@@ -52,6 +52,7 @@ from vlmloc.reports import head_ablation as head_report
 from vlmloc.results import TASKS
 from vlmloc.runner import RunContext
 from vlmloc.settings import at_least, load, one_of, register, subset_of
+from vlmloc.paraphrases import Paraphrased
 
 HEAD_SETS = ("top", "random", "cls_critical")
 
@@ -61,7 +62,7 @@ HEAD_SETS = ("top", "random", "cls_critical")
 
 @register("head_ablation")
 @dataclass(frozen=True)
-class Settings:
+class Settings(Paraphrased):
     """experiment.* of configs/experiment/head_ablation.yaml, typed and checked."""
 
     name: str = MISSING

@@ -43,6 +43,7 @@ from vlmloc.results import TASKS
 from vlmloc.runner import RunContext
 from vlmloc.selection import RANDOM_FROM
 from vlmloc.settings import at_least, load, one_of, register, subset_of
+from vlmloc.paraphrases import Paraphrased
 
 KEY_SETS = ("object", "random")
 QUERY_SETS = ("post_image",)
@@ -53,7 +54,7 @@ QUERY_SETS = ("post_image",)
 
 @register("knockout")
 @dataclass(frozen=True)
-class Settings:
+class Settings(Paraphrased):
     """experiment.* of configs/experiment/knockout.yaml, typed and checked."""
 
     name: str = MISSING

@@ -11,6 +11,8 @@ data=imagenet, or on the command's own data when null). A finished sub-run does 
 the whole is resumable: rerun the command. An `experiment.optional` run whose own check refuses
 the model (view ablation on LLaVA) is skipped and said so. The report (`experiment=report`'s
 settings, `experiment.report` laid over them) is written at the end: report.md, report.html.
+`experiment.paraphrases` (null, all or [k, ...]) reruns every run that has a results table under
+those prompt wordings (`vlmloc.paraphrases`); the report then shows each table's spread.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from omegaconf import MISSING, DictConfig, OmegaConf
 
 from vlmloc.experiments import report as report_experiment
 from vlmloc.experiments.suite import _compose, experiment_file, run_config, run_each
+from vlmloc.paraphrases import Paraphrased
 from vlmloc.reports.paper_report import write_report
 from vlmloc.reports.runs import load_runs
 from vlmloc.runner import RunContext
@@ -44,6 +47,7 @@ class Settings:
     data: dict[str, Any] = MISSING  # run -> data values ({config: <data group>, key: value}) laid over its data
     probe_root: str | None = MISSING  # image folder of the position probes (data=imagenet); null = the command's data
     report: dict[str, Any] = MISSING  # experiment=report settings laid over configs/experiment/report.yaml's
+    paraphrases: Any = MISSING  # null, all or [k, ...]: every run with a results table also runs under those prompt wordings
 
     def __post_init__(self) -> None:
         runs = list(self.runs)
@@ -78,6 +82,8 @@ def planned(cfg: DictConfig, dir_: str) -> tuple[list[tuple[str, DictConfig]], d
     for name in st.runs:
         sub = run_config(cfg, name, data_of(st, name), {"dir": dir_})
         module = importlib.import_module(f"vlmloc.experiments.{name}")
+        if st.paraphrases is not None and issubclass(getattr(module, "Settings", object), Paraphrased):
+            sub = OmegaConf.merge(sub, {"experiment": {"paraphrases": st.paraphrases}})
         try:
             check_experiment(module, sub) if name in st.optional else check_settings(module, sub)
         except ValueError as err:  # ConfigError is one

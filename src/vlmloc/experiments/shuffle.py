@@ -21,6 +21,7 @@ from vlmloc.conditions import BASELINE, AllTokens, Condition, ObjectTokens, Perm
 from vlmloc.reports.tables import model_paper_values, paper_table, with_paper, write_summary
 from vlmloc.runner import RunContext
 from vlmloc.settings import load, one_of, register, subset_of
+from vlmloc.paraphrases import Paraphrased
 
 SCOPES = ("global", "object")
 WITHIN = ("tile", "image")
@@ -31,7 +32,7 @@ WITHIN = ("tile", "image")
 
 @register("shuffle")
 @dataclass(frozen=True)
-class Settings:
+class Settings(Paraphrased):
     """experiment.* of configs/experiment/shuffle.yaml, typed and checked."""
 
     name: str = MISSING

@@ -28,6 +28,7 @@ from vlmloc.reports.tables import model_paper_values, paper_table, with_paper, w
 from vlmloc.runner import RunContext
 from vlmloc.selection import RANDOM_FROM
 from vlmloc.settings import at_least, load, one_of, register, subset_of
+from vlmloc.paraphrases import Paraphrased
 
 STRATEGIES = ("object", "register", "integrated_gradients", "random")
 IG_BASELINES = ("mean", "zero")
@@ -63,7 +64,7 @@ class IntegratedGradients:
 
 @register("token_ablation")
 @dataclass(frozen=True)
-class Settings:
+class Settings(Paraphrased):
     """experiment.* of configs/experiment/token_ablation.yaml, typed and checked."""
 
     name: str = MISSING

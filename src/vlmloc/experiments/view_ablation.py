@@ -39,6 +39,7 @@ from vlmloc.reports.view_ablation import ALL, size_bins
 from vlmloc.results import TASKS
 from vlmloc.runner import RunContext
 from vlmloc.settings import load, register, subset_of
+from vlmloc.paraphrases import Paraphrased
 
 log = logging.getLogger("vlmloc.experiments.view_ablation")
 
@@ -74,7 +75,7 @@ class SizeBins:
 
 @register("view_ablation")
 @dataclass(frozen=True)
-class Settings:
+class Settings(Paraphrased):
     """experiment.* of configs/experiment/view_ablation.yaml, typed and checked."""
 
     name: str = MISSING

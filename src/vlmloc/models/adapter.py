@@ -8,13 +8,14 @@ nothing about experiments or result files.
 
 from __future__ import annotations
 
+import copy
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 from PIL import Image
 from torch import nn
 
@@ -23,6 +24,9 @@ from vlmloc.models.families import family as family_facts
 from vlmloc.models.layout import VisualLayout
 
 TASKS = ("classification", "localization")
+# model.* keys a loaded model was built with; the others are read from the config on every call
+LOADED_WITH = ("name", "family", "path", "revision", "dtype", "device", "device_map", "attn_implementation",
+               "fused_rms_norm", "tiny")
 CLASSIFICATION_MODES = ("list", "yes_no", "open")
 Box = tuple[float, float, float, float]
 
@@ -146,6 +150,20 @@ class VLMAdapter(ABC):
         return str(self.cfg.prompts.template).format(
             image=self.image_placeholder, question=self.question(task, category, mode)
         )
+
+    def with_prompts(self, cfg: DictConfig) -> VLMAdapter:
+        """This loaded model read through `cfg` (a model config): a twin sharing the model and
+        processor whose prompts and answer settings are `cfg`'s, for runs under other prompt wordings
+        (`vlmloc.paraphrases`). The values the weights were loaded with (LOADED_WITH) must be equal."""
+        mine, theirs = (OmegaConf.to_container(c, resolve=True) for c in (self.cfg, cfg))
+        diff = [k for k in LOADED_WITH if mine.get(k) != theirs.get(k)]
+        if diff:
+            raise ValueError(f"model configs differ in {diff}, which the loaded model was built with: load it again instead")
+        twin = copy.copy(self)
+        twin.cfg = cfg
+        twin.yes_ids = twin._answer_token_ids(cfg.classification.yes_words)  # they follow the template
+        twin.no_ids = twin._answer_token_ids(cfg.classification.no_words)
+        return twin
 
     def _answer_token_ids(self, words: Sequence[str]) -> list[int]:
         """First token id of each answer word as it follows the prompt (context-aware, deduplicated)."""

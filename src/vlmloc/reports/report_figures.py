@@ -22,20 +22,30 @@ def _figure(width: float, height: float, cols: int):
     return fig, fig.subplots(1, cols, squeeze=False)[0]
 
 
+def _series(table: pd.DataFrame) -> pd.Series:
+    """A colour per model, and per image set when the table holds several (its data column)."""
+    several = "data" in table and table["data"].nunique() > 1
+    return table["model"].astype(str) + (" / " + table["data"].astype(str) if several else "")
+
+
 def accuracy_figure(table: pd.DataFrame, title: str) -> bytes | None:
-    """A `ci_table` (with a model column): one panel per task, conditions down the y axis. None for
+    """A `ci_table` (with model and optional data columns): one panel per task, conditions down the y
+    axis, a colour per model (and image set). None for
     a table that splits a condition over several rows (e.g. by object size): its all-rows table
     has the figure."""
-    if not len(table) or "accuracy" not in table or table.duplicated(["model", "task", "condition"]).any():
+    if not len(table) or "accuracy" not in table:
+        return None
+    table = table.assign(series=_series(table))
+    if table.duplicated(["series", "task", "condition"]).any():
         return None
     tasks = [t for t in ("localization", "classification") if t in set(table["task"])]
     conds = list(dict.fromkeys(table["condition"]))
-    models = list(dict.fromkeys(table["model"]))
+    models = list(dict.fromkeys(table["series"]))
     fig, axes = _figure(5.2 * len(tasks), 0.32 * len(conds) * max(len(models), 1) + 1.4, len(tasks))
     step = 0.8 / max(len(models), 1)
     for ax, task in zip(axes, tasks):
         for m, model in enumerate(models):
-            sub = table[(table["task"] == task) & (table["model"] == model)].set_index("condition")
+            sub = table[(table["task"] == task) & (table["series"] == model)].set_index("condition")
             ys = [i + (m - (len(models) - 1) / 2) * step for i, c in enumerate(conds) if c in sub.index]
             got = sub.loc[[c for c in conds if c in sub.index]]
             err = np.vstack([got["accuracy"] - got["acc_low"], got["acc_high"] - got["accuracy"]])

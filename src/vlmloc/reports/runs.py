@@ -4,7 +4,8 @@
     runs[0].experiment, runs[0].model, runs[0].table("results.parquet")
 
 A directory without run.json whose subdirectories hold runs (experiment=suite, experiment=paper)
-stands for those runs. A directory that is missing, unfinished (no run.json, a writer's lock,
+stands for those runs. Runs of one experiment and model on several image sets (data.name) are
+reported side by side; a run's paraphrase runs (paraphrases/<k>/) come with it. A directory that is missing, unfinished (no run.json, a writer's lock,
 shard files not merged) or lacks its experiment's tables is a `ConfigError` naming it.
 """
 
@@ -38,6 +39,7 @@ class Run:
     path: Path
     info: dict[str, Any]
     _tables: dict[str, pd.DataFrame] = field(default_factory=dict, repr=False)
+    _wordings: dict[str, Run] | None = field(default=None, repr=False)
 
     @property
     def config(self) -> dict[str, Any]:
@@ -55,6 +57,30 @@ class Run:
     @property
     def settings(self) -> dict[str, Any]:
         return dict(self.config.get("experiment") or {})
+
+    @property
+    def image_set(self) -> str:
+        """The data the run measured: `data.name`; for object-removal pairs, the image set they were
+        made from (the make_pairs run's data, read from its run directory), e.g. "pairs of voc"."""
+        data = self.config.get("data") or {}
+        name = str(data.get("name"))
+        source = Path(str(data.get("pairs_dir", ""))) / RUN_JSON
+        if name == "pairs" and source.is_file():
+            try:
+                name = f"pairs of {json.loads(source.read_text())['config']['data']['name']}"
+            except (ValueError, KeyError, TypeError):
+                pass
+        return name
+
+    @property
+    def wordings(self) -> dict[str, Run]:
+        """This run under other prompt wordings (`vlmloc.paraphrases`): label k -> the finished run
+        in paraphrases/<k>/ (an unfinished one is a ConfigError naming it); {} when there are none."""
+        if self._wordings is None:
+            from vlmloc.paraphrases import wording_dirs
+
+            self._wordings = {k: load_run(d) for k, d in wording_dirs(self.path).items()}
+        return dict(self._wordings)
 
     def table(self, name: str) -> pd.DataFrame:
         if name not in self._tables:
@@ -106,11 +132,12 @@ def load_runs(paths: Sequence[str | Path]) -> list[Run]:
     if not paths:
         raise ConfigError("runs is empty: give one or more run directories, e.g. runs=[outputs/a,outputs/b]")
     runs = [load_run(p) for path in paths for p in _expand(Path(path))]
-    seen: dict[tuple[str, str], Path] = {}
+    seen: dict[tuple[str, str, str], Path] = {}
     for run in runs:
-        key = (run.model, run.experiment)
+        key = (run.model, run.experiment, run.image_set)
         if key in seen:
             raise ConfigError(f"runs: {seen[key]} and {run.path} are both experiment={run.experiment} of "
-                              f"model={run.model}; give one run per experiment and model")
+                              f"model={run.model} on data={run.image_set}; give one run per experiment, model and "
+                              "image set (set data.name to tell two image sets of one loader apart)")
         seen[key] = run.path
     return runs

@@ -20,6 +20,12 @@ BASELINE = "baseline"  # the clean condition's name (vlmloc.conditions.BASELINE)
 SHORT = {"localization": "loc", "classification": "cls"}
 
 
+def condition_order(results: pd.DataFrame) -> list[str]:
+    """The conditions of result rows in order of first appearance, the baseline first."""
+    names = list(pd.unique(results["condition"].astype(str)))
+    return [BASELINE] + [c for c in names if c != BASELINE] if BASELINE in names else names
+
+
 def row_scores(rows: pd.DataFrame) -> pd.Series:
     """Each result row's score in %: localization the mean hit over the three IoU thresholds,
     classification 100 x correct."""

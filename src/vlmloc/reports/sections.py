@@ -15,8 +15,9 @@ from vlmloc.reports import findings as F
 from vlmloc.reports.bootstrap import Bootstrap, mean_ci
 from vlmloc.reports.heads import critical_counts, head_interval, head_means, top_heads
 from vlmloc.reports.paper_values import NOT_STATED, PaperValues
+from vlmloc.reports.paraphrases import DEFAULT, accuracy_by_wording
 from vlmloc.reports.runs import Run
-from vlmloc.reports.scores import BASELINE, ci_table, with_paper_columns
+from vlmloc.reports.scores import BASELINE, ci_table, condition_order, with_paper_columns
 
 # experiment -> (title, the paper's table whose numbers it compares, order in the report)
 TITLES = {
@@ -62,14 +63,9 @@ class Section:
         return pd.concat(self.findings, ignore_index=True) if self.findings else F.as_frame([])
 
 
-def _conditions(results: pd.DataFrame) -> list[str]:
-    names = list(pd.unique(results["condition"].astype(str)))
-    return [BASELINE] + [c for c in names if c != BASELINE] if BASELINE in names else names
-
-
 def _conditions_table(run: Run, paper: PaperValues, table: str | None, opts: Options, rows: pd.DataFrame | None = None) -> pd.DataFrame:
     results = run.table("results.parquet") if rows is None else rows
-    t = ci_table(results, _conditions(results), opts.boot)
+    t = ci_table(results, condition_order(results), opts.boot)
     return with_paper_columns(t, paper.rows(table) if table else None)
 
 
@@ -105,11 +101,10 @@ def _extension_matrix(run: Run, opts: Options) -> pd.DataFrame:
 
 
 def _view_tables(run: Run, paper: PaperValues, opts: Options) -> dict[str, pd.DataFrame]:
-    rows = run.table("results.parquet")
-    multi = rows[rows["has_thumbnail"].astype(bool)] if "has_thumbnail" in rows else rows
+    multi = _rows(run)
     tables = {"images with a thumbnail, all object sizes": _conditions_table(run, paper, "table3", opts, multi)}
     if "size_bin" in multi:
-        parts = [ci_table(sub, _conditions(sub), opts.boot).assign(size_bin=b) for b, sub in multi.groupby("size_bin", sort=False)]
+        parts = [ci_table(sub, condition_order(sub), opts.boot).assign(size_bin=b) for b, sub in multi.groupby("size_bin", sort=False)]
         if parts:
             tables["by object size (area_frac bins)"] = pd.concat(parts, ignore_index=True)
     return tables
@@ -161,24 +156,72 @@ def tables_of(run: Run, paper: PaperValues, opts: Options) -> dict[str, pd.DataF
     return {"pairs kept": _pairs_table(run)}
 
 
+WORDINGS = "accuracy under each prompt wording (model.prompts.paraphrases; mean over wordings: interval over objects)"
+WORDING_FINDINGS = "findings under each prompt wording"
+IMAGE_SETS = "findings by image set: verdict (value [interval])"
+
+
+def _rows(run: Run) -> pd.DataFrame:
+    """The result rows a run's condition table is computed from (view ablation: images with a thumbnail)."""
+    rows = run.table("results.parquet")
+    if run.experiment == "view_ablation" and "has_thumbnail" in rows:
+        rows = rows[rows["has_thumbnail"].astype(bool)]
+    return rows
+
+
+def _wording_tables(run: Run, opts: Options) -> dict[str, pd.DataFrame]:
+    """The run's spread over its prompt wordings and its findings under each ({} without wordings)."""
+    wordings = run.wordings
+    if not wordings or not run.has("results.parquet"):
+        return {}
+    spread = accuracy_by_wording({DEFAULT: _rows(run), **{k: _rows(w) for k, w in wordings.items()}}, opts.boot)
+    verdicts: dict[tuple[str, str], dict[str, str]] = {}
+    for label, r in {DEFAULT: run, **wordings}.items():
+        for f in _findings(r, opts):
+            verdicts.setdefault((f.statement, f.task), {})[label] = f.verdict
+    found = pd.DataFrame([{"statement": s, "task": t, **{k if k == DEFAULT else f"wording_{k}": v for k, v in by.items()},
+                           "holds": f"{sum(v == F.HOLDS for v in by.values())} of {len(by)}"}
+                          for (s, t), by in verdicts.items()])
+    return {WORDINGS: spread, **({WORDING_FINDINGS: found} if len(found) else {})}
+
+
+def _by_image_set(findings: pd.DataFrame) -> pd.DataFrame:
+    """Findings side by side per image set: one row per model x statement x task, a column per data."""
+    cell = [f"{v} ({x:.1f} [{lo:.1f}, {hi:.1f}])" for v, x, lo, hi in
+            zip(findings["verdict"], findings["value"], findings["low"], findings["high"])]
+    wide = findings.assign(cell=cell).pivot_table(index=["model", "statement", "task"], columns="data", values="cell",
+                                                  aggfunc="first", sort=False)
+    return wide.reset_index().rename_axis(columns=None)
+
+
+def _stack(section: Section, caption: str, table: pd.DataFrame, run: Run) -> None:
+    table = table.copy()
+    table.insert(0, "model", run.model)
+    table.insert(1, "data", run.image_set)
+    prev = section.tables.get(caption)
+    section.tables[caption] = table if prev is None else pd.concat([prev, table], ignore_index=True)
+
+
 def build(runs: Sequence[Run], papers: dict[str, PaperValues], opts: Options) -> Section:
-    """The section of one experiment over its runs (one per model), tables stacked with a model column."""
+    """The section of one experiment over its runs (one per model and image set), tables stacked with
+    model and data columns; a run's prompt wordings (`vlmloc.paraphrases`) add their spread and findings;
+    findings on several image sets are also set side by side."""
     exp = runs[0].experiment
     section = Section(exp, TITLES[exp][0])
     for run in runs:
         paper = papers[run.model]
-        for caption, table in tables_of(run, paper, opts).items():
-            table = table.copy()
-            table.insert(0, "model", run.model)
-            prev = section.tables.get(caption)
-            section.tables[caption] = table if prev is None else pd.concat([prev, table], ignore_index=True)
+        for caption, table in {**tables_of(run, paper, opts), **_wording_tables(run, opts)}.items():
+            _stack(section, caption, table, run)
         found = F.as_frame(_findings(run, opts))
         if len(found):
             found.insert(0, "model", run.model)
+            found.insert(1, "data", run.image_set)
             section.findings.append(found)
         text = paper.finding_text(exp)
         table = TITLES[exp][1]
         if text == NOT_STATED and table and paper.rows(table):
             text = f"numbers in the table above ({paper.source(table)})"
         section.paper_text[run.model] = text
+    if len({r.image_set for r in runs}) > 1 and section.findings:
+        section.tables[IMAGE_SETS] = _by_image_set(section.findings_table)
     return section
