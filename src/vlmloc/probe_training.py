@@ -22,6 +22,19 @@ Training paths (`experiment.probe.*`, see configs/experiment/position_probe.yaml
   cache could exceed `max_cache_gb`.
 - sklearn: all training tokens cached once, then lbfgs logistic regression per probe. Chosen by
   `trainer=auto` only for small problems (`vlmloc.probes.choose_trainer`).
+
+Grids. A probe's classes are the cells of one grid per stage, the same for every image: LLaVA's
+24x24 and InternVL's 16x16 tiles are fixed by their processors. Dynamic-resolution families
+(Qwen2.5-VL, Qwen3-VL; `Family.dynamic_resolution`) give each image its own grid, so a label
+(row, col) would name different parts of different images and the class set would depend on the
+image. They are probed on one configured grid instead (`experiment.image_grid`, `grid_images`):
+every image is fitted to a square of tokens_per_side x (patch x merge) px before the processor,
+which keeps that size, so every image has tokens_per_side^2 LM tokens and (merge x
+tokens_per_side)^2 ViT patches, each labelled by its (row, col) on that grid:
+
+    transform = grid_images(adapter, settings.image_grid)       # None for fixed-grid families
+    stages, heat = select_stages(adapter, None, ["llm.mid"], settings.image_grid.tokens_per_side)
+    run = probe_positions(..., transform=transform)
 """
 
 from __future__ import annotations
@@ -30,6 +43,7 @@ import logging
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -37,9 +51,11 @@ import numpy as np
 import pandas as pd
 import torch
 from omegaconf import MISSING
+from PIL import Image
 
-from vlmloc.data.images import ImageFiles
-from vlmloc.engine.capture import LLM, PROJECTOR, VISION, Stage, capture, model_stages, stage_tokens
+from vlmloc.data.images import SQUARE_FITS, ImageFiles, fit_square
+from vlmloc.engine.capture import LLM, PROJECTOR, VISION, Stage, capture, model_stages, stage_tokens, token_pixels
+from vlmloc.errors import ConfigError
 from vlmloc.models.adapter import VLMAdapter
 from vlmloc.models.layout import GLOBAL, LOCAL
 from vlmloc.probes import (
@@ -71,8 +87,45 @@ LR_SCHEDULES = ("cosine", "constant")
 VIEWS = (GLOBAL, LOCAL)
 
 
-# --------------------------------------------------------------------------- stages
+# --------------------------------------------------------------------------- probe images
 
+
+@dataclass(frozen=True)
+class ImageGridSettings:
+    """experiment.image_grid: the one grid every probe image of a dynamic-resolution family is fitted to."""
+
+    tokens_per_side: int = MISSING  # LM tokens per side (ViT patches: merge_size times more)
+    fit: str = MISSING  # crop | pad: how a non-square image becomes a square (`vlmloc.data.images.fit_square`)
+
+    def __post_init__(self) -> None:
+        at_least("experiment.image_grid.tokens_per_side", self.tokens_per_side, 1)
+        one_of("experiment.image_grid.fit", self.fit, SQUARE_FITS)
+
+
+def grid_images(adapter: VLMAdapter, grid: ImageGridSettings) -> Callable[[Image.Image], Image.Image] | None:
+    """image -> image fitted to the probe grid, for a dynamic-resolution family; None for families
+    whose processor fixes the grid (LLaVA, InternVL: their own preprocessing is kept).
+
+    The square is tokens_per_side x (patch x merge) px (16 tokens: 448 px for Qwen2.5-VL, 512 px for
+    Qwen3-VL); `pad` fills with the image processor's mean colour. Raises ConfigError when the
+    model's pixel budget (model.min_pixels / max_pixels) would resize that square, so no forward
+    runs on images whose grid is not the probe's.
+    """
+    if not adapter.facts.dynamic_resolution:
+        return None
+    g, side = int(grid.tokens_per_side), int(grid.tokens_per_side) * token_pixels(adapter)
+    if adapter.n_visual_tokens(side, side) != g * g:
+        raise ConfigError(
+            f"experiment.image_grid.tokens_per_side={g} fits every probe image to {side}x{side} px ({g * g} tokens), "
+            f"which model.min_pixels={adapter.cfg.get('min_pixels')} / max_pixels={adapter.cfg.get('max_pixels')} "
+            f"would resize ({adapter.n_visual_tokens(side, side)} tokens): pick a grid whose square lies within the "
+            "pixel budget, or widen the budget")
+    mean = getattr(adapter.processor.image_processor, "image_mean", None) or (0.0, 0.0, 0.0)
+    fill = tuple(int(255 * float(m)) for m in mean)  # truncated, as LLaVA's image processor pads
+    return partial(fit_square, side=side, fit=str(grid.fit), fill=fill)
+
+
+# --------------------------------------------------------------------------- settings and stages
 
 
 @dataclass(frozen=True)
@@ -163,11 +216,12 @@ def resolve_stages(specs: Sequence[str] | None, stages: Sequence[Stage]) -> list
 
 
 def select_stages(
-    adapter: VLMAdapter, stages: Sequence[str] | None, heatmap_stages: Sequence[str]
+    adapter: VLMAdapter, stages: Sequence[str] | None, heatmap_stages: Sequence[str], token_grid: int | None = None
 ) -> tuple[list[Stage], list[str]]:
     """The model's stages to probe (selectors as in `resolve_stages`, None = every stage) and the
-    names of the heatmap stages among them, both in model order."""
-    every = model_stages(adapter)
+    names of the heatmap stages among them, both in model order. token_grid: the probe grid of a
+    dynamic-resolution family (experiment.image_grid.tokens_per_side); fixed-grid families ignore it."""
+    every = model_stages(adapter, token_grid)
     chosen = resolve_stages(stages, every)
     return chosen, [s.name for s in resolve_stages(list(heatmap_stages), every) if s in chosen]
 
@@ -189,14 +243,15 @@ def stage_batches(
     prompt: str,
     num_workers: int = 0,
     views: Sequence[str] | None = None,
+    transform: Callable[[Image.Image], Image.Image] | None = None,
 ) -> Iterator[dict[str, StageBatch]]:
     """Per batch of images: {stage: (x [n, dim], pos [n], view [n])}, restricted to `views` if given.
 
-    Images are decoded in `num_workers` DataLoader workers (JPEG decoding would otherwise sit on
-    the GPU's critical path); the processor and the forward run here.
+    Images are decoded (and `transform`ed: `grid_images`) in `num_workers` DataLoader workers (JPEG
+    decoding would otherwise sit on the GPU's critical path); the processor and the forward run here.
     """
     loader = torch.utils.data.DataLoader(
-        ImageFiles(paths), batch_size=batch_size, shuffle=False, num_workers=num_workers, collate_fn=list
+        ImageFiles(paths, transform), batch_size=batch_size, shuffle=False, num_workers=num_workers, collate_fn=list
     )
     for images in loader:
         batch = adapter.prepare(images, [prompt] * len(images))
@@ -351,13 +406,15 @@ def merge_probes(parts: Sequence[TrainedProbes]) -> TrainedProbes:
 
 
 def _captured(adapter: VLMAdapter, stages: Sequence[Stage], timing: dict[str, float], *, batch_size: int, prompt: str,
-              num_workers: int, views: Sequence[str] | None) -> Callable[[Sequence[Path]], Iterator[dict[str, StageBatch]]]:
+              num_workers: int, views: Sequence[str] | None,
+              transform: Callable[[Image.Image], Image.Image] | None = None,
+              ) -> Callable[[Sequence[Path]], Iterator[dict[str, StageBatch]]]:
     """paths -> their captured batches (`stage_batches`), the forward passes timed into `timing`
     (image loading included)."""
 
     def batches(paths: Sequence[Path]) -> Iterator[dict[str, StageBatch]]:
         it = stage_batches(adapter, paths, stages, batch_size=batch_size, prompt=prompt,
-                           num_workers=num_workers, views=views)
+                           num_workers=num_workers, views=views, transform=transform)
         while True:
             t0 = time.perf_counter()
             b = next(it, None)
@@ -381,10 +438,12 @@ def train_probes(
     seed: int = 0,
     num_workers: int = 0,
     sharded: bool = False,
+    transform: Callable[[Image.Image], Image.Image] | None = None,
 ) -> TrainedProbes:
     """Train every stage's probes on `train` images (`probe`: the experiment.probe mapping, as in
     `probe_positions`). sharded: part of a data-parallel run, so `trainer=auto` means torch (the
-    merge averages probes over every class; sklearn's cover only the classes a shard saw)."""
+    merge averages probes over every class; sklearn's cover only the classes a shard saw).
+    transform: applied to every image first (`grid_images`)."""
     targets = probe_targets(str(probe["target"]))
     specs = [ProbeSpec(s.name, _stage_dim(adapter, s), s.grid, targets) for s in stages]
     views = list(probe["views"]) if probe.get("views") else None
@@ -401,7 +460,7 @@ def train_probes(
     gen = torch.Generator().manual_seed(int(seed))
     timing = {"forward_s": 0.0, "probe_s": 0.0, "n_forward_images": 0}
     batches = _captured(adapter, stages, timing, batch_size=batch_size, prompt=prompt, num_workers=num_workers,
-                        views=views)
+                        views=views, transform=transform)
 
     n_train_tokens: dict[str, int] = {s.name: 0 for s in stages}
     model: TorchProbes | SklearnProbes
@@ -464,15 +523,17 @@ def score_probes(
     batch_size: int,
     prompt: str,
     num_workers: int = 0,
+    transform: Callable[[Image.Image], Image.Image] | None = None,
 ) -> ProbeRun:
-    """Score `trained` probes on `test` images: accuracy per stage x target x view and per grid cell."""
+    """Score `trained` probes on `test` images (each `transform`ed first, as in training): accuracy
+    per stage x target x view and per grid cell."""
     targets = probe_targets(str(probe["target"]))
     specs = [ProbeSpec(s.name, _stage_dim(adapter, s), s.grid, targets) for s in stages]
     views = list(probe["views"]) if probe.get("views") else None
     timing = {k: float(v) for k, v in trained.info.get("timing", {}).items()}
     timing.setdefault("forward_s", 0.0), timing.setdefault("probe_s", 0.0), timing.setdefault("n_forward_images", 0)
     batches = _captured(adapter, stages, timing, batch_size=batch_size, prompt=prompt, num_workers=num_workers,
-                        views=views)
+                        views=views, transform=transform)
     bf16 = bool(probe.get("bf16_matmul", False)) and trained.trainer == "torch"
     on_device = {k: LinearProbe.from_dict(p.to_dict(), adapter.device) for k, p in trained.probes.items()}
     scores = PositionScores(specs)
@@ -501,14 +562,16 @@ def probe_positions(
     prompt: str,
     seed: int = 0,
     num_workers: int = 0,
+    transform: Callable[[Image.Image], Image.Image] | None = None,
 ) -> ProbeRun:
-    """Train every stage's probes on `train` images and score them on `test` images.
+    """Train every stage's probes on `train` images and score them on `test` images (each image
+    `transform`ed first: `grid_images`).
 
     `probe` is the `experiment.probe` config (a mapping): target, trainer, epochs, epoch_mode,
     token_rate, views, lr, lr_ref_dim, lr_schedule, weight_decay, minibatch_tokens, standardize,
     bf16_matmul, max_cache_gb, sklearn.*.
     """
-    common = {"batch_size": batch_size, "prompt": prompt, "num_workers": num_workers}
+    common = {"batch_size": batch_size, "prompt": prompt, "num_workers": num_workers, "transform": transform}
     trained = train_probes(adapter, train, stages, probe, seed=seed, **common)
     return score_probes(adapter, test, stages, trained, probe, **common)
 

@@ -17,7 +17,7 @@ Changing `n_train` therefore never changes the test set. Both lists are returned
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -144,15 +144,43 @@ def open_rgb(path: str | os.PathLike) -> Image.Image:
         return im.convert("RGB")
 
 
+SQUARE_FITS = ("crop", "pad")
+
+
+def fit_square(image: Image.Image, side: int, fit: str, fill: tuple[int, int, int] = (0, 0, 0)) -> Image.Image:
+    """The image as a side x side square: `crop` takes the centred square of the short side, `pad`
+    centres the image on a square of the long side filled with `fill`; then a bicubic resize to
+    `side` (the Qwen-VL processors' own resampling). An image already side x side comes back as is."""
+    if fit not in SQUARE_FITS:
+        raise ValueError(f"fit must be one of {SQUARE_FITS}, got {fit!r}")
+    w, h = image.size
+    if (w, h) == (side, side):
+        return image
+    if fit == "crop":
+        s = min(w, h)
+        left, top = (w - s) // 2, (h - s) // 2
+        square = image.crop((left, top, left + s, top + s))
+    else:
+        s = max(w, h)
+        square = Image.new("RGB", (s, s), tuple(fill))
+        square.paste(image, ((s - w) // 2, (s - h) // 2))
+    return square.resize((side, side), Image.Resampling.BICUBIC)
+
+
 class ImageFiles:
     """Images decoded on access, a map-style dataset for `torch.utils.data.DataLoader`: with
-    workers, JPEG decoding runs in them instead of on the GPU's critical path."""
+    workers, JPEG decoding runs in them instead of on the GPU's critical path, and so does
+    `transform` (image -> image; picklable, e.g. a `functools.partial` of `fit_square`) if given."""
 
-    def __init__(self, paths: Sequence[str | os.PathLike]) -> None:
+    def __init__(
+        self, paths: Sequence[str | os.PathLike], transform: Callable[[Image.Image], Image.Image] | None = None
+    ) -> None:
         self.paths = list(paths)
+        self.transform = transform
 
     def __len__(self) -> int:
         return len(self.paths)
 
     def __getitem__(self, i: int) -> Image.Image:
-        return open_rgb(self.paths[i])
+        image = open_rgb(self.paths[i])
+        return image if self.transform is None else self.transform(image)

@@ -12,7 +12,15 @@ Grids: every stage is probed on its own grid, per tile. LLaVA-1.5: 24x24 everywh
 are the LM's tokens). InternVL: the ViT layers on the 32x32 patch grid of each 448 px tile (before
 pixel shuffle), the projector and LLM on the 16x16 token grid of each tile; one probe per stage
 serves all tiles, and accuracy is reported over all tokens ("all") and per view (global
-thumbnail / local crops).
+thumbnail / local crops). Qwen2.5-VL / Qwen3-VL resize every image to a grid of its own (dynamic
+resolution), under which a class (row, col) would not name one place and the class set would
+change with the image; they are probed on one configured grid instead, as the other families'
+grids are fixed: every image is fitted to a square of `experiment.image_grid.tokens_per_side` LM
+tokens (default 16: 448 px for Qwen2.5-VL, 512 px for Qwen3-VL, near an ImageNet photo's native
+size) by a centre crop (or a pad, `image_grid.fit`) and a resize, which the processor keeps. The
+projector and LLM are probed on that 16x16 token grid, the ViT layers on the 32x32 patch grid
+before the 2x2 merge (each patch labelled by its place on the image, whatever order the tower
+holds the patches in: `vlmloc.engine.capture`).
 
 Activations come from one forward per batch (`vlmloc.engine.capture`); the question after the
 image does not matter, since visual tokens never attend to later tokens (causal attention).
@@ -56,10 +64,15 @@ import torch
 from omegaconf import MISSING, DictConfig, OmegaConf
 
 from vlmloc.data.images import ImageSplit, load_image_split
+from vlmloc.engine.capture import token_pixels
 from vlmloc.errors import ConfigError
+from vlmloc.models.adapter import VLMAdapter
+from vlmloc.models.families import family
 from vlmloc.probe_training import (
+    ImageGridSettings,
     ProbeSettings,
     TrainedProbes,
+    grid_images,
     memory_bound,
     merge_probes,
     probe_prompt,
@@ -99,6 +112,7 @@ class Settings:
     stages: tuple[str, ...] | None = MISSING  # stage selectors to probe (None = every stage)
     heatmap_stages: tuple[str, ...] = MISSING  # Fig. 11's panels, among the probed stages
     num_workers: int = MISSING  # DataLoader workers decoding images
+    image_grid: ImageGridSettings = MISSING  # the one grid of dynamic-resolution families (Qwen-VL)
     probe: ProbeSettings = MISSING
 
     def __post_init__(self) -> None:
@@ -141,8 +155,12 @@ def check_inputs(ctx: RunContext) -> None:
 
 
 def fingerprint(cfg: DictConfig) -> str:
-    """Hash of everything that changes the numbers: experiment, model, data, seed, batch size."""
+    """Hash of everything that changes the numbers: experiment, model, data, seed, batch size.
+    `experiment.image_grid` counts only for dynamic-resolution families (the others ignore it, and
+    their runs keep the fingerprints they had before it existed)."""
     parts = {k: OmegaConf.to_container(cfg[k], resolve=True) for k in ("experiment", "model", "data")}
+    if not family(str(cfg.model.family)).dynamic_resolution:
+        parts["experiment"].pop("image_grid", None)  # type: ignore[union-attr]
     parts |= {"seed": int(cfg.seed), "batch_size": int(cfg.batch_size)}
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
@@ -218,7 +236,8 @@ def run(ctx: RunContext) -> None:
         log.info("probes already trained in %s: scoring them", path)
         return
     adapter = ctx.adapter
-    stages, heat = select_stages(adapter, s.stages, s.heatmap_stages)
+    stages, heat = select_stages(adapter, s.stages, s.heatmap_stages, s.image_grid.tokens_per_side)
+    transform = grid_images(adapter, s.image_grid)  # checks the pixel budget before any forward
     bound = memory_bound(adapter, stages, int(cfg.batch_size), probe_targets(s.probe.target))
     log.info("streaming memory bound: %.2f GB of activations per batch + %.2f GB of probe state",
              bound["activations_per_batch_bytes"] / 1e9, bound["probe_state_bytes"] / 1e9)
@@ -227,8 +246,9 @@ def run(ctx: RunContext) -> None:
         log.info("shard %d of %d: %d of %d training images", ctx.shard.index, ctx.shard.count, len(train), len(split.train))
     trained = train_probes(adapter, train, stages, asdict(s.probe), batch_size=int(cfg.batch_size),
                            prompt=probe_prompt(adapter, s.question), seed=int(cfg.seed), num_workers=s.num_workers,
-                           sharded=ctx.shard.sharded)
-    trained.info |= {"fingerprint": fp, "heatmap_stages": heat, "stages": [st.name for st in stages], "memory_bound": bound}
+                           sharded=ctx.shard.sharded, transform=transform)
+    trained.info |= {"fingerprint": fp, "heatmap_stages": heat, "stages": [st.name for st in stages],
+                     "memory_bound": bound, "image_grid": _image_grid_info(adapter, s.image_grid)}
     data = {"fingerprint": fp, **trained.to_dict()}
     atomic_write(path, lambda f: torch.save(data, f))
     if ctx.shard.sharded:
@@ -257,9 +277,10 @@ def finish(ctx: RunContext) -> None:
         merged = {"fingerprint": fp, **trained.to_dict()}
         atomic_write(ctx.run_dir / PROBES_FILE, lambda f: torch.save(merged, f))
     adapter = ctx.adapter
-    stages, _ = select_stages(adapter, s.stages, s.heatmap_stages)
+    stages, _ = select_stages(adapter, s.stages, s.heatmap_stages, s.image_grid.tokens_per_side)
     result = score_probes(adapter, split.test, stages, trained, asdict(s.probe), batch_size=int(cfg.batch_size),
-                          prompt=probe_prompt(adapter, s.question), num_workers=s.num_workers)
+                          prompt=probe_prompt(adapter, s.question), num_workers=s.num_workers,
+                          transform=grid_images(adapter, s.image_grid))
     _write_parquet(result.accuracy, ctx.run_dir / ACCURACY_FILE)
     _write_parquet(result.per_position, ctx.run_dir / PER_POSITION_FILE)
     extra = dict(result.info)
@@ -268,6 +289,14 @@ def finish(ctx: RunContext) -> None:
         shards = json.loads((ctx.run_dir / "run.json").read_text()).get("shards", [])
         extra["shards"] = [sh.get("position_probe", sh) for sh in shards]
     _write_provenance(ctx, split, extra, shards=shards)
+
+
+def _image_grid_info(adapter: VLMAdapter, grid: ImageGridSettings) -> dict[str, Any] | None:
+    """What run.json records of the probe images' fitted grid; None where the family's processor fixes it."""
+    if not adapter.facts.dynamic_resolution:
+        return None
+    return {"tokens_per_side": grid.tokens_per_side, "fit": grid.fit,
+            "pixels": grid.tokens_per_side * token_pixels(adapter)}
 
 
 def report(ctx: RunContext, rows: pd.DataFrame) -> None:

@@ -40,6 +40,14 @@ class Family:
     # enter the LM after its first layers (Qwen3-VL's DeepStack: a list of [n_visual, hidden] added
     # at the positions where the [batch, seq] mask is True); None when the LM input is the only entry.
     lm_visual_features: tuple[str, str] | None = None
+    # Dynamic resolution: the processor resizes each image to its own token grid (multiples of
+    # patch x merge px within the pixel budget), so there is no fixed grid per tile. Position probes
+    # fix one: every probe image is fitted to `experiment.image_grid` (`vlmloc.probe_training`).
+    dynamic_resolution: bool = False
+    # The vision encoder's patches come in blocks of `vision_config.spatial_merge_size`^2, one block
+    # per LM token in the LM tokens' order, row-major inside a block (the processor's patchify
+    # order, which the merger concatenates); False: row-major over each tile's patch grid.
+    vision_merge_blocks: bool = False
 
 
 FAMILIES: dict[str, Family] = {
@@ -72,7 +80,8 @@ FAMILIES: dict[str, Family] = {
         },
     ),
     # Qwen2.5-VL: ViT with window attention (full attention in `fullatt_block_indexes`), a 2x2 patch
-    # merger as projector, Qwen2 LM with M-RoPE.
+    # merger as projector, Qwen2 LM with M-RoPE. Its blocks and merger see the merge blocks in window
+    # order (the merger's output is put back in order; `QwenVLAdapter.projector_rows`).
     "qwen2_5vl": Family(
         name="qwen2_5vl",
         model_type="qwen2_5_vl",
@@ -86,6 +95,8 @@ FAMILIES: dict[str, Family] = {
             "vision": "model.visual",
             "vision.layers": "model.visual.blocks",
         },
+        dynamic_resolution=True,
+        vision_merge_blocks=True,
     ),
     # Qwen3-VL: ViT with full attention and learned position embeddings, a 2x2 merger, DeepStack
     # (merged features of some ViT layers added to the first LM layers' visual positions), Qwen3 LM
@@ -104,6 +115,8 @@ FAMILIES: dict[str, Family] = {
             "vision.layers": "model.visual.blocks",
         },
         lm_visual_features=("deepstack_visual_embeds", "visual_pos_masks"),
+        dynamic_resolution=True,
+        vision_merge_blocks=True,
     ),
 }
 
