@@ -21,13 +21,13 @@ import pandas as pd
 
 from vlmloc.reports import report_figures
 from vlmloc.reports.paper_values import PaperValues
-from vlmloc.reports.runs import Run
+from vlmloc.reports.runs import REPORT_FILES, Run
 from vlmloc.reports.sections import ORDER, Options, Section, build
 from vlmloc.reports.tables import to_markdown
 from vlmloc.results import atomic_write
 
 REPORT_MD, REPORT_HTML = "report.md", "report.html"
-TABLES_FILE, FINDINGS_FILE = "report_tables.parquet", "findings.parquet"
+TABLES_FILE, FINDINGS_FILE = REPORT_FILES
 
 
 def provenance(run: Run) -> dict[str, Any]:

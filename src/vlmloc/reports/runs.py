@@ -22,6 +22,7 @@ import pandas as pd
 from vlmloc.errors import ConfigError
 
 RUN_JSON = "run.json"
+REPORT_FILES = ("report_tables.parquet", "findings.parquet")  # written by vlmloc.reports.paper_report
 LOCK = "run.lock"
 # experiment -> the tables its report needs (any further parquet files are read on demand)
 TABLES: dict[str, tuple[str, ...]] = {
@@ -95,7 +96,8 @@ def _expand(path: Path) -> list[Path]:
     """`path` itself when it is a run, else its subdirectories that are (in name order)."""
     if not path.is_dir():
         raise ConfigError(f"runs: {path} is not a directory; give the run directories of finished runs")
-    if (path / RUN_JSON).is_file() or any(path.glob("*.parquet")) or any(path.glob("run.shard-*.json")):
+    own = [p for p in path.glob("*.parquet") if p.name not in REPORT_FILES]  # a paper run's report is not a run
+    if (path / RUN_JSON).is_file() or own or any(path.glob("run.shard-*.json")):
         return [path]
     children = sorted(p for p in path.iterdir() if p.is_dir() and (p / RUN_JSON).is_file())
     if not children:
