@@ -11,8 +11,22 @@ epochs + 10k probe images) and the peak GPU memory (run.json `gpu_peak_memory_gb
     PYTHONPATH=src python scripts/bench_paper.py --config-dir ../shared/real_configs/llava-1.5-7b-hf \\
         --out /tmp/bench [--experiments baseline,knockout] [--scale 0.5] [override ...]
 
+The Qwen shapes have no tokenizer files on these machines: scripts/shapes/ holds the published
+config.json of each, and the checkpoint then gets the family's tiny tokenizer and image processor
+with the real pixel budget (`bench_shards.build_checkpoint`); the model config must be the family's:
+
+    PYTHONPATH=src python scripts/bench_paper.py --config-dir scripts/shapes/qwen2_5vl7b --model qwen2_5vl7b \\
+        --out /tmp/bench-qwen2_5vl7b
+    PYTHONPATH=src python scripts/bench_paper.py --config-dir scripts/shapes/qwen3vl8b --model qwen3vl8b \\
+        --out /tmp/bench-qwen3vl8b
+
+The random checkpoint goes to /tmp/vlmloc-random-<config-dir name> unless --checkpoint says otherwise.
+
 Weights are random: timings depend on shapes, not values; random weights never emit EOS, so every
-generated answer runs its full length (the worst case).
+generated answer runs its full length (the worst case). The tiny tokenizer is trained on the
+configured prompts, which then take about as many text tokens as with the real one (39 for
+Qwen2.5-VL's localization prompt); the visual tokens and the generated lengths, which decide the
+cost, are the real ones.
 """
 
 from __future__ import annotations
@@ -24,7 +38,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_shards import all_pairs, build_checkpoint, checkpoint_args, cli  # noqa: E402
+from bench_shards import all_pairs, build_checkpoint, checkpoint_args, checkpoint_path, cli  # noqa: E402
 
 PAPER_OBJECTS = 2248  # the paper's COCO objects (PAPER.md)
 PAPER_PAIRS = 50
@@ -58,11 +72,11 @@ def main() -> None:
     ap.add_argument("--scale", type=float, default=1.0, help="multiply every experiment's n (e.g. 0.25 for a quick check)")
     ap.add_argument("overrides", nargs="*")
     a = ap.parse_args()
-    build_s = build_checkpoint(a.config_dir, a.checkpoint)
+    a.checkpoint = checkpoint_path(a)
+    build_s = build_checkpoint(a.config_dir, a.checkpoint, a.model)
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    common = [f"model={a.model}", f"model.path={a.checkpoint}", f"paths.cache_dir={a.out}/cache",
-              f"paths.data_dir={a.out}/data", "data=synthetic", *a.overrides]
-    pairs_dir = a.out / "pairs"
+    common = [f"model={a.model}", f"model.path={a.checkpoint}", "data=synthetic", *a.overrides]
+    pairs_dir, pairs_data = a.out / "pairs", a.out / "data" / "pairs"
     rows = []
     for name in a.experiments.split(","):
         extra, unit, paper, n = PLAN[name]
@@ -70,8 +84,9 @@ def main() -> None:
         exp = [] if any(o.startswith("experiment=") for o in extra) else [f"experiment={name}"]
         if unit == "pair":
             if not (pairs_dir / "manifest.parquet").exists():
-                cli([*common, "experiment=make_pairs", "inpaint=oracle", f"data.n={n}",
-                     "experiment.figure_examples=0", f"hydra.run.dir={pairs_dir}"], env, a.out / "make_pairs.log")
+                cli([*common, *dirs(a.out, "make_pairs", pairs_data), "experiment=make_pairs", "inpaint=oracle",
+                     f"data.n={n}", "experiment.figure_examples=0", f"hydra.run.dir={pairs_dir}"], env,
+                    a.out / "make_pairs.log")
                 all_pairs(pairs_dir)
             data = ["data=pairs", f"data.pairs_dir={pairs_dir}"]
             sizes = (1, n)
@@ -82,15 +97,17 @@ def main() -> None:
             data = []
             sizes = (1, n)
         args = [*common, *exp, *extra, *data]
+        # the pairs' images are made once, untimed; other runs make their own scenes (equal cost)
+        shared = pairs_data if unit == "pair" else None
         if sizes is None:  # probes: a run with 2 epochs and one with 1; the difference is one epoch
-            one = run_info_of(args + ["experiment.probe.epochs=1"], a.out / f"{name}-1", env)
-            full = run_info_of(args, a.out / name, env)
+            one = run_info_of(args + ["experiment.probe.epochs=1"], a.out / f"{name}-1", env, shared)
+            full = run_info_of(args, a.out / name, env, shared)
             n_train = int(full["data"]["n_train"])
             units = n_train  # one more epoch over the training images
             startup = float(one["wall_time_s"])
         else:
-            small = run_info_of(args + [f"data.n={sizes[0]}"], a.out / f"{name}-1", env)
-            full = run_info_of(args + [f"data.n={sizes[1]}"], a.out / name, env)
+            small = run_info_of(args + [f"data.n={sizes[0]}"], a.out / f"{name}-1", env, shared)
+            full = run_info_of(args + [f"data.n={sizes[1]}"], a.out / name, env, shared)
             units = sizes[1] - sizes[0]
             startup = float(small["wall_time_s"])
         wall = float(full["wall_time_s"])
@@ -107,8 +124,19 @@ def main() -> None:
               f"({r['paper_units']:,} {r['unit']}s) | {r['gpu_peak_gb']} GB |")
 
 
-def run_info_of(args: list[str], run_dir: Path, env: dict[str, str]) -> dict:
-    cli([*args, f"hydra.run.dir={run_dir}"], env, run_dir.with_suffix(".log"))
+def dirs(out: Path, name: str, data_dir: Path | None = None) -> list[str]:
+    """Run `name`'s own cache and data folders (data_dir: a shared one that is already made).
+
+    The small and the full run of an experiment must pay the same fixed costs (the synthetic scenes,
+    made on first use; the cached statistics): with shared folders the first run would pay them alone
+    and the per-unit time would come out too low (even negative at small n).
+    """
+    return [f"paths.cache_dir={out}/cache/{name}", f"paths.data_dir={data_dir or out / 'data' / name}"]
+
+
+def run_info_of(args: list[str], run_dir: Path, env: dict[str, str], data_dir: Path | None = None) -> dict:
+    cli([*dirs(run_dir.parent, run_dir.name, data_dir), *args, f"hydra.run.dir={run_dir}"], env,
+        run_dir.with_suffix(".log"))
     return run_info(run_dir)
 
 

@@ -8,10 +8,18 @@ table of the merge equals the single process's (same keys; the largest differenc
 column; whether the other columns agree) and whether the markdown tables are the same, as one
 JSON line.
 
-    PYTHONPATH=src python scripts/bench_shards.py --config-dir /path/llava-1.5-7b-hf --out /tmp/shards \
+    PYTHONPATH=src python scripts/bench_shards.py --config-dir /path/llava-1.5-7b-hf --out /tmp/shards \\
         experiment=knockout data=synthetic data.n=8
-    PYTHONPATH=src python scripts/bench_shards.py --config-dir ... --out /tmp/cma --pairs 4 --tables mf.parquet \
+    PYTHONPATH=src python scripts/bench_shards.py --config-dir ... --out /tmp/cma --pairs 4 --tables mf.parquet \\
         experiment=cma experiment.positions=text data=synthetic
+
+A folder with config.json alone (no tokenizer files), such as scripts/shapes/qwen2_5vl7b, gets the
+tokenizer and image processor of the model family's tiny build (`--model` names the model config;
+Qwen families only), the real model's pixel budget, and the special token ids of that tokenizer;
+every shape, vocab_size included, stays the published one (`build_checkpoint`):
+
+    PYTHONPATH=src python scripts/bench_shards.py --config-dir scripts/shapes/qwen2_5vl7b --model qwen2_5vl7b \\
+        --out /tmp/shards experiment=knockout data=synthetic data.n=8
 
 Weights are random: timings depend on shapes, not values; random weights never emit EOS, so every
 box answer runs its full length (the worst case).
@@ -32,24 +40,137 @@ import numpy as np
 import pandas as pd
 
 
-def build_checkpoint(config_dir: Path, dest: Path) -> float:
-    """A random-weight bf16 checkpoint of config_dir's config in dest (with its other files); seconds."""
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")  # as loading.check_weights
+# Config fields holding a special token id -> the token it names in the real Qwen vocabulary
+# (151655 <|image_pad|>, 151656 <|video_pad|>, 151652/151653 vision start/end, 151643 <|endoftext|>,
+# 151645 <|im_end|>); a checkpoint with the tiny tokenizer points each at that token's id there.
+QWEN_ID_TOKENS = {"image_token_id": "<|image_pad|>", "video_token_id": "<|video_pad|>",
+                  "vision_start_token_id": "<|vision_start|>", "vision_end_token_id": "<|vision_end|>"}
+QWEN_TEXT_ID_TOKENS = {"bos_token_id": "<|endoftext|>", "eos_token_id": "<|im_end|>", "pad_token_id": "<|endoftext|>"}
+TINY_FAMILIES = ("qwen2_5vl", "qwen3vl")
+
+
+def build_checkpoint(config_dir: Path, dest: Path, model: str | None = None) -> float:
+    """A random-weight bf16 checkpoint of config_dir's config in dest; seconds (0 when dest holds it already).
+
+    With tokenizer files in config_dir, its other files are copied next to the weights. Without them,
+    the tokenizer and image processor of `model`'s family tiny build are saved instead
+    (`tiny_processing`), and the config's special token ids set to that tokenizer's ids.
+    """
     import torch
     import transformers
 
+    config = transformers.AutoConfig.from_pretrained(config_dir)
     if (dest / "config.json").exists():
+        # a checkpoint of another shape in the default folder would time the wrong model
+        have = shape(transformers.AutoConfig.from_pretrained(dest))
+        if have != shape(config):
+            raise SystemExit(f"{dest} holds a checkpoint of another shape ({have}, not {shape(config)} of "
+                             f"{config_dir}): remove it or pass another --checkpoint")
         return 0.0
     t0 = time.perf_counter()
-    config = transformers.AutoConfig.from_pretrained(config_dir)
+    processing = None
+    if not any((config_dir / f).exists() for f in TOKENIZER_FILES):
+        if model is None:
+            raise SystemExit(f"{config_dir} has no tokenizer files: name the model config (--model) whose "
+                             "family's tiny tokenizer to use")
+        processing = tiny_processing(model)
+        set_special_ids(config, processing[0])
     cls = getattr(transformers, config.architectures[0])
     torch.manual_seed(0)
     with torch.device("cuda" if torch.cuda.is_available() else "cpu"):
-        model = cls._from_config(config, dtype=torch.bfloat16)
-    model.save_pretrained(dest)
-    for f in config_dir.iterdir():
-        if f.is_file() and not (dest / f.name).exists():
-            shutil.copy(f, dest / f.name)
+        net = cls._from_config(config, dtype=torch.bfloat16)
+    if processing is not None:
+        tok = processing[0]
+        for name, token in QWEN_TEXT_ID_TOKENS.items():  # generate() reads these, not the config's
+            setattr(net.generation_config, name, tok.convert_tokens_to_ids(token))
+        answer_only_ordinary_tokens(net, tok)
+    net.save_pretrained(dest)
+    if processing is not None:
+        for part in processing:
+            part.save_pretrained(dest)
+    else:
+        for f in config_dir.iterdir():
+            if f.is_file() and not (dest / f.name).exists():
+                shutil.copy(f, dest / f.name)
     return time.perf_counter() - t0
+
+
+def answer_only_ordinary_tokens(net: object, tokenizer: object) -> None:
+    """Zero the output rows of every id but the tokenizer's ordinary tokens: greedy answers then use them.
+
+    The published vocabulary (~152k rows) is kept for its cost, but the tiny tokenizer names only a
+    few hundred ids: an answer of the other ids decodes to nothing, and an empty answer cannot be a
+    teacher-forced target (CMA). Its special tokens must not be answered either: a generated
+    <|image_pad|> is one more image token when the answer is fed back, and <|im_end|> would end
+    answers early (random weights should answer at full length, the worst case). A zero row scores
+    0, below the largest of a few hundred random logits all but surely; the matmul's cost is unchanged.
+    """
+    import torch
+
+    special = set(tokenizer.added_tokens_decoder)  # type: ignore[attr-defined]
+    keep = torch.tensor([i for i in range(len(tokenizer)) if i not in special])  # type: ignore[arg-type]
+    weight = net.get_output_embeddings().weight  # type: ignore[attr-defined]
+    drop = torch.ones(weight.shape[0], dtype=torch.bool, device=weight.device)
+    drop[keep.to(weight.device)] = False
+    with torch.no_grad():
+        weight[drop] = 0
+
+
+def shape(config: object) -> dict[str, object]:
+    """The dimensions that decide a checkpoint's cost (what a reused checkpoint must match)."""
+    text = getattr(config, "text_config", config)
+    vision = getattr(config, "vision_config", None)
+    out: dict[str, object] = {"architectures": list(getattr(config, "architectures", None) or [])}
+    for k in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
+              "vocab_size"):
+        out[k] = getattr(text, k, None)
+    for k in ("depth", "num_hidden_layers", "hidden_size", "intermediate_size"):
+        if vision is not None and hasattr(vision, k):
+            out[f"vision_{k}"] = getattr(vision, k)
+    return out
+
+
+def tiny_processing(model: str) -> tuple[object, object]:
+    """(tokenizer, image processor) of model config `model`'s family tiny build (`model=tiny_<family>`),
+    the image processor with `model`'s own pixel budget (model.min_pixels / max_pixels)."""
+    from hydra import compose, initialize_config_dir
+
+    from vlmloc.__main__ import config_dir
+    from vlmloc.models.loading import tiny_corpus
+    from vlmloc.models.tiny import build_tiny
+
+    with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
+        real = compose("config", overrides=[f"model={model}"]).model
+        family = str(real.family)
+        if family not in TINY_FAMILIES:
+            raise SystemExit(f"model={model} is of family {family!r}: tiny tokenizers stand in for the "
+                             f"{TINY_FAMILIES} families only; pass a folder with the checkpoint's tokenizer files")
+        tiny = compose("config", overrides=[f"model=tiny_{family}"]).model
+    _, processor = build_tiny(family, tiny.tiny, tiny_corpus(tiny))
+    ip = processor.image_processor
+    # the tiny build caps the budget for CPU speed; the real model config holds the model card's defaults
+    ip = type(ip).from_dict({**ip.to_dict(), "size": {"shortest_edge": int(real.min_pixels),
+                                                      "longest_edge": int(real.max_pixels)}})
+    return processor.tokenizer, ip
+
+
+def set_special_ids(config: object, tokenizer: object) -> None:
+    """Point the config's special token ids at `tokenizer`'s tokens of the same name; shapes unchanged."""
+    text = config.text_config  # type: ignore[attr-defined]
+    vocab = int(text.vocab_size)
+    for target, table in ((config, QWEN_ID_TOKENS), (text, QWEN_TEXT_ID_TOKENS)):
+        for name, token in table.items():
+            i = tokenizer.convert_tokens_to_ids(token)  # type: ignore[attr-defined]
+            back = tokenizer.convert_ids_to_tokens(i) if isinstance(i, int) else None  # type: ignore[attr-defined]
+            # an unknown token maps to the unk id, whose token is another one
+            if back != token or not 0 <= i < vocab:
+                raise SystemExit(f"the tiny tokenizer has no {token} below vocab_size {vocab}")
+            setattr(target, name, i)
+    # Qwen2.5-VL's file also names <|vision_pad|> (vision_token_id), which no code reads and the
+    # tiny tokenizer lacks: drop it rather than leave an id of the real vocabulary
+    if hasattr(config, "vision_token_id"):
+        delattr(config, "vision_token_id")
 
 
 def cli(args: list[str], env: dict[str, str], log: Path | None = None) -> float:
@@ -67,10 +188,19 @@ def cli(args: list[str], env: dict[str, str], log: Path | None = None) -> float:
 
 def checkpoint_args(ap: argparse.ArgumentParser) -> None:
     """The options both benchmarks share: the real files, the random checkpoint, the output, the model config."""
-    ap.add_argument("--config-dir", type=Path, required=True)
-    ap.add_argument("--checkpoint", type=Path, default=Path("/tmp/vlmloc-random-checkpoint"))
+    ap.add_argument("--config-dir", type=Path, required=True,
+                    help="a real checkpoint's config.json with its tokenizer/processor files, or config.json "
+                         "alone (scripts/shapes/*: the --model family's tiny tokenizer is used)")
+    ap.add_argument("--checkpoint", type=Path, default=None,
+                    help="where the random checkpoint is built (reused when there); default "
+                         "/tmp/vlmloc-random-<config-dir name>")
     ap.add_argument("--out", type=Path, required=True)
-    ap.add_argument("--model", default="llava7b")
+    ap.add_argument("--model", default="llava7b", help="the model config (configs/model/) the runs use")
+
+
+def checkpoint_path(a: argparse.Namespace) -> Path:
+    """--checkpoint, or a folder named after --config-dir (one per shape, never another shape's)."""
+    return a.checkpoint or Path(f"/tmp/vlmloc-random-{a.config_dir.resolve().name}")
 
 
 KEYS = ("sample_id", "task", "condition", "layer", "head", "positions", "stage", "view", "target")
@@ -121,7 +251,8 @@ def main() -> None:
                          "how much the numbers move with the batches alone")
     ap.add_argument("overrides", nargs="*", help="further overrides, e.g. experiment=knockout data.n=8")
     a = ap.parse_args()
-    build_s = build_checkpoint(a.config_dir, a.checkpoint)
+    a.checkpoint = checkpoint_path(a)
+    build_s = build_checkpoint(a.config_dir, a.checkpoint, a.model)
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     common = [f"model={a.model}", f"model.path={a.checkpoint}", f"paths.output_dir={a.out}", f"paths.cache_dir={a.out}/cache",
               f"paths.data_dir={a.out}/data"]
