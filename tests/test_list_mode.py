@@ -130,11 +130,11 @@ def test_integrated_gradients_in_list_mode_attribute_the_clean_list(list_llava, 
     samples, _ = load_samples(compose_cfg("data=synthetic", "data.n=1", data_dir=tmp_path).data)
     seen = []
 
-    def fake_ig(adapter, image, prompt, *, answer, baseline, steps, batch_size):
-        seen.append((prompt, answer))
-        return torch.zeros(adapter.n_visual_tokens(image.width, image.height)), 0.0, 0.0
+    def fake_ig(adapter, targets, *, baseline, steps, batch_size, progress):
+        seen.extend((t.prompt, t.answer) for t in targets)
+        return [(torch.zeros(576).numpy(), 0.0, 0.0) for _ in targets]
 
-    monkeypatch.setattr(resources, "integrated_gradients", fake_ig)
+    monkeypatch.setattr(resources, "integrated_gradients_batch", fake_ig)
     clean = pd.DataFrame([{"sample_id": samples[0].sample_id, "task": "classification", "answer": "circle, square"}])
     ig = OmegaConf.create({"baseline": "zero", "steps": 2, "batch_size": 2, "rank_by": "abs"})
     resources.ig_scores(list_llava, samples, ["classification"], clean, ig, None)

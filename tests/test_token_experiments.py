@@ -137,3 +137,74 @@ def test_shuffle_rows_equal_a_forward_permuted_by_hand(tmp_path, tiny_llava):
                 assert float(row["p_yes"].iloc[0]) == pytest.approx(p_yes, abs=1e-5), name
                 moved = int((perm != np.arange(576)).sum())
                 assert int(row["n_edited"].iloc[0]) == (576 if name == "shuffle:global" else len(obj)), moved
+
+
+@pytest.mark.parametrize("family", ["tiny_llava", "tiny_internvl"])
+def test_integrated_gradients_batched_across_targets_equal_each_target_alone(family, request):
+    """Passes that mix path points of several targets (different images, so InternVL's tile counts
+    and sequence lengths differ and rows are left padded; yes/no, list and box answers) give each
+    target the attribution and f values it gets alone, within float32 tolerance."""
+    import numpy as np
+    import torch
+
+    from conftest import noise_image
+    from vlmloc.engine.attribution import Target, integrated_gradients, integrated_gradients_batch
+
+    ad = request.getfixturevalue(family)
+    mean = torch.randn(ad.text_config.hidden_size, generator=torch.Generator().manual_seed(0)) * 0.1
+    targets = [
+        Target(noise_image(448, 448, 1), ad.prompt("classification", "cat"), None),
+        Target(noise_image(900, 300, 2), ad.prompt("localization", "dog"), " [0.12, 0.30, 0.55, 0.80]"),
+        Target(noise_image(300, 500, 3), ad.prompt("classification", "traffic light"), " circle, square, a cat"),
+        Target(lambda: noise_image(640, 480, 4), ad.prompt("localization", "cat"), " [0.5, 0.5, 0.9, 0.9]"),
+    ]
+    steps = 6
+    alone = [integrated_gradients(ad, t.image if not callable(t.image) else t.image(), t.prompt, answer=t.answer,
+                                  baseline=mean, steps=steps, batch_size=steps) for t in targets]
+    # 6 points per target in passes of 4 rows: every pass but the middle ones straddles two targets
+    mixed = integrated_gradients_batch(ad, targets, baseline=mean, steps=steps, batch_size=4, endpoints=True)
+    assert len(mixed) == len(targets)
+    for (a_attr, a_fx, a_fb), (m_attr, m_fx, m_fb) in zip(alone, mixed):
+        assert m_attr.shape == a_attr.shape
+        scale = float(np.abs(a_attr).max())
+        np.testing.assert_allclose(m_attr, a_attr, rtol=0, atol=1e-4 * scale)
+        assert m_fx == pytest.approx(a_fx, rel=1e-5, abs=1e-5) and m_fb == pytest.approx(a_fb, rel=1e-5, abs=1e-5)
+    # without endpoints only the attributions come back (f values NaN), the same ones
+    plain = integrated_gradients_batch(ad, targets, baseline=mean, steps=steps, batch_size=4)
+    for (p_attr, p_fx, _), (m_attr, _, _) in zip(plain, mixed):
+        assert np.array_equal(p_attr, m_attr) and np.isnan(p_fx)
+
+
+@pytest.mark.parametrize("family", ["tiny_llava", "tiny_internvl"])
+def test_vision_once_per_image_gives_the_outputs_of_every_row_encoded(family, request):
+    """A batch with repeated images (InternVL: repeated tiles of several images) under
+    vision_once_per_image: the encoder sees each distinct pixel row once, and the logits and
+    generated answers equal those of the plain batch."""
+    import torch
+
+    from conftest import noise_image
+    from vlmloc.engine.hooks import Hooks
+    from vlmloc.engine.readout import generate
+    from vlmloc.engine.shared_images import vision_once_per_image
+
+    ad = request.getfixturevalue(family)
+    a, b = noise_image(448, 448, 1), noise_image(900, 300, 2)
+    batch = ad.prepare([a, b, a, a, b], [ad.prompt("localization", c) for c in ("cat", "dog", "dog", "cat", "cat")])
+    seen: list[int] = []
+
+    def count(call, _out) -> None:
+        pixels = call.args[0] if call.args else call.kwargs["pixel_values"]
+        seen.append(int(pixels.shape[0]))
+
+    with torch.no_grad():
+        plain = ad.model(**batch.inputs).logits
+        with vision_once_per_image(ad), Hooks().after(ad.vision_tower, count):
+            shared = ad.model(**batch.inputs).logits
+    n_rows = int(batch.inputs["pixel_values"].shape[0])
+    tiles_a, tiles_b = (ad.prepare([im], [ad.prompt("localization", "cat")]).inputs["pixel_values"].shape[0]
+                        for im in (a, b))
+    assert n_rows == 3 * tiles_a + 2 * tiles_b and seen == [tiles_a + tiles_b]
+    torch.testing.assert_close(shared, plain, rtol=1e-5, atol=1e-5)
+    with vision_once_per_image(ad):
+        answers = generate(ad, batch, 6)
+    assert answers == generate(ad, batch, 6)

@@ -36,6 +36,7 @@ from vlmloc.data.sample import Sample
 from vlmloc.engine.heads import HeadEdit, edit_heads
 from vlmloc.engine.knockout import Knockout, knockout
 from vlmloc.engine.readout import generate, next_token_logprobs, yes_probability
+from vlmloc.engine.shared_images import vision_once_per_image
 from vlmloc.engine.token_edits import TokenEdit, edit_lm_input
 from vlmloc.models.adapter import PreparedBatch, VLMAdapter
 
@@ -77,8 +78,13 @@ def intervene(
     knockouts: Sequence[Knockout],
     heads: Sequence[Sequence[HeadEdit]],
 ) -> Iterator[None]:
-    """Install per-row token edits, knockouts and head edits for one forward pass or generate call."""
+    """Install per-row token edits, knockouts and head edits for one forward pass or generate call.
+
+    The vision encoder runs once per distinct image of the batch (`vision_once_per_image`): rows of
+    one sample under different conditions share it, and no intervention acts before the LM input.
+    """
     with contextlib.ExitStack() as stack:
+        stack.enter_context(vision_once_per_image(adapter))
         stack.enter_context(edit_lm_input(adapter, edits))
         stack.enter_context(knockout(adapter, knockouts))
         stack.enter_context(edit_heads(adapter, heads))

@@ -29,7 +29,7 @@ from tqdm.auto import tqdm
 
 from vlmloc.conditions import BASELINE, Resources
 from vlmloc.data.sample import Sample
-from vlmloc.engine.attribution import integrated_gradients
+from vlmloc.engine.attribution import Target, integrated_gradients_batch
 from vlmloc.engine.head_means import HeadMeans, head_means
 from vlmloc.engine.mean_embedding import mean_visual_embedding
 from vlmloc.engine.visual_features import prepared_batches, projector_io
@@ -59,13 +59,16 @@ def ig_scores(adapter: VLMAdapter, samples: list[Sample], tasks: list[str], clea
     """Per (sample, task): IG attribution of the clean run's answer: for yes/no classification
     log P(yes)/(P(yes)+P(no)) (the clean answer is yes or no: its margin), for list or open
     classification and for localization the teacher-forced log-probability of the clean generated
-    text (the list, the box). ig: experiment.integrated_gradients."""
+    text (the list, the box). ig: experiment.integrated_gradients.
+
+    Every (sample, task) is one target of one `integrated_gradients_batch` call, task by task (the
+    prompts of one task have similar lengths, so passes that mix targets pad little)."""
     baseline = mean if str(ig.baseline) == "mean" else None
     answers = clean.set_index(["sample_id", "task"])["answer"]
     out, t0 = {}, time.monotonic()
-    for s in tqdm(samples, desc=f"integrated gradients ({int(ig.steps)} steps)", disable=not samples):
-        image = s.load_image()
-        for task in tasks:
+    keys, targets = [], []
+    for task in tasks:
+        for s in samples:
             answer = None
             if task == "localization" or adapter.classification_mode != "yes_no":
                 text = str(answers.get((s.sample_id, task), "") or "")
@@ -73,11 +76,12 @@ def ig_scores(adapter: VLMAdapter, samples: list[Sample], tasks: list[str], clea
                 if answer is None:  # no clean answer to attribute: rank nothing above random
                     out[(s.sample_id, task)] = np.zeros(adapter.n_visual_tokens(s.width, s.height))
                     continue
-            attr, _, _ = integrated_gradients(
-                adapter, image, adapter.prompt(task, s.category), answer=answer, baseline=baseline,
-                steps=int(ig.steps), batch_size=int(ig.batch_size),
-            )
-            out[(s.sample_id, task)] = np.abs(attr) if str(ig.rank_by) == "abs" else attr
+            keys.append((s.sample_id, task))
+            targets.append(Target(s.load_image, adapter.prompt(task, s.category), answer))
+    attrs = integrated_gradients_batch(adapter, targets, baseline=baseline, steps=int(ig.steps),
+                                       batch_size=int(ig.batch_size), progress=bool(targets))
+    for key, (attr, _, _) in zip(keys, attrs):
+        out[key] = np.abs(attr) if str(ig.rank_by) == "abs" else attr
     log.info("integrated gradients: %d samples x %d tasks in %.1f s", len(samples), len(tasks), time.monotonic() - t0)
     return out
 
