@@ -10,6 +10,7 @@ import pandas as pd
 import pytest
 
 from conftest import compose_cfg
+from test_paper import accuracy, smoke
 from vlmloc import app
 from vlmloc.data.pairs import read_manifest, write_manifest
 from vlmloc.models import load_adapter
@@ -23,19 +24,12 @@ def _cfg(tmp_path, model: str, *overrides: str):
                        data_dir=tmp_path / "data")
 
 
-def _accuracy(run_dir, condition: str, task: str) -> float:
-    df = pd.read_parquet(run_dir / "results.parquet")
-    rows = df[(df.condition == condition) & (df.task == task)]
-    cols = ["correct"] if task == "classification" else ["hit_50", "hit_70", "hit_90"]
-    return 100 * float(rows[cols].fillna(False).astype(float).to_numpy().mean())
-
-
 @pytest.mark.slow  # ~1 min per family on 2 cores
 @pytest.mark.parametrize("model", FAMILIES)
 def test_every_experiment_runs_on_the_tiny_qwen_builds(model, tmp_path):
     paper = tmp_path / "paper"
     runs = "[" + ",".join(BEFORE_PAIRS) + "]"
-    app.run(_cfg(tmp_path, model, "experiment=paper_smoke", f"experiment.runs={runs}"), paper)
+    app.run(smoke(tmp_path, model, f"experiment.runs={runs}"), paper)
     n = 4  # paper_smoke's data.n
     for name in BEFORE_PAIRS:
         assert (paper / name / "run.json").is_file(), name
@@ -49,7 +43,7 @@ def test_every_experiment_runs_on_the_tiny_qwen_builds(model, tmp_path):
                             ("baseline", "baseline", "localization")]:
         row = table[(table.section == exp) & (table.condition == cond) & (table.task == task) & table.accuracy.notna()]
         assert len(row) == 1, (exp, cond, task)
-        assert float(row["accuracy"].iloc[0]) == pytest.approx(_accuracy(paper / exp, cond, task)), (exp, cond, task)
+        assert float(row["accuracy"].iloc[0]) == pytest.approx(accuracy(paper / exp, cond, task)), (exp, cond, task)
 
     # a random model's answers keep no pair (the filter itself is tested in test_make_pairs): keep them all
     manifest = read_manifest(paper / "make_pairs")
