@@ -173,7 +173,7 @@ def integrated_gradients_batch(
     clean: dict[int, _Clean] = {}
     ends: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # target -> (x, b), float32 [n_visual, hidden]
     grad_sum: dict[int, torch.Tensor] = {}
-    results: list[tuple[np.ndarray, float, float] | None] = [None] * len(targets)
+    results: dict[int, tuple[np.ndarray, float, float]] = {}  # target -> its result, set by finish()
     chunks = [points[i : i + batch_size] for i in range(0, len(points), batch_size)]
 
     def finish(t: int) -> None:
@@ -206,7 +206,9 @@ def integrated_gradients_batch(
             grad_sum[t] += grad.float().sum(0)
             if (t, steps - 1) in chunk:
                 finish(t)
-    return [r for r in results if r is not None]
+    # every target's last point lies in some pass, so each is finished; a missing one fails here,
+    # never a shorter list that would misalign the caller's targets
+    return [results[t] for t in range(len(targets))]
 
 
 def integrated_gradients(
