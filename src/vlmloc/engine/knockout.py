@@ -70,23 +70,13 @@ def _position_masks(specs: Sequence[Knockout], length: int, device: torch.device
     return scatter("queries"), scatter("keys")
 
 
-def _block_matrix(
-    specs: Sequence[Knockout], layer: int, q_len: int, k_len: int, device: torch.device, cache: dict
-) -> torch.Tensor | None:
-    """[batch, 1, q_len, k_len] bool, True = blocked, for the current queries of this layer; None if nothing.
-
-    Vectorised on the device: block = layer active for the row & query mask & key mask.
-    """
-    active = torch.tensor([layer in s.layers and not s.empty for s in specs], device=device)
-    if not bool(active.any()):
-        return None
-    key = (k_len, device)
-    if key not in cache:
-        cache[key] = _position_masks(specs, k_len, device)
-    qmask, kmask = cache[key]
+def _block_matrix(active: torch.Tensor, masks: tuple[torch.Tensor, torch.Tensor], q_len: int, k_len: int) -> torch.Tensor:
+    """[batch, 1, q_len, k_len] bool, True = blocked, for the current queries (positions k_len - q_len
+    .. k_len - 1): the layer is active for the row & query mask & key mask. active: [batch] bool;
+    masks: (query, key) position masks [batch, >= k_len]."""
+    qmask, kmask = masks
     past = k_len - q_len
-    block = active[:, None, None, None] & qmask[:, None, past:, None] & kmask[:, None, None, :]
-    return block if bool(block.any()) else None
+    return active[:, None, None, None] & qmask[:, None, past:k_len, None] & kmask[:, None, None, :k_len]
 
 
 def _causal(batch: int, q_len: int, k_len: int, device: torch.device) -> torch.Tensor:
@@ -96,10 +86,11 @@ def _causal(batch: int, q_len: int, k_len: int, device: torch.device) -> torch.T
     return (k <= q).view(1, 1, q_len, k_len).expand(batch, 1, q_len, k_len)
 
 
-def apply_block(mask: torch.Tensor | None, block: torch.Tensor) -> torch.Tensor:
+def apply_block(mask: torch.Tensor | None, block: torch.Tensor, check: bool = True) -> torch.Tensor:
     """Combine an attention mask (bool allow / float additive / None = causal) with a block matrix.
 
-    Raises when the knockout leaves a query row that could attend to something with nothing.
+    Raises when the knockout leaves a query row that could attend to something with nothing
+    (check=False skips the test, which waits for the GPU, where it cannot fail).
     """
     b, _, q_len, k_len = block.shape
     if mask is None:
@@ -108,16 +99,31 @@ def apply_block(mask: torch.Tensor | None, block: torch.Tensor) -> torch.Tensor:
     floor = torch.finfo(mask.dtype).min / 2 if mask.dtype.is_floating_point else None
     allowed = mask if floor is None else mask > floor
     after = allowed & ~block
-    if (allowed.any(-1) & ~after.any(-1)).any():
+    if check and (allowed.any(-1) & ~after.any(-1)).any():
         raise ValueError("attention knockout would block every key of some query row; shrink the key set")
     return after if floor is None else mask.masked_fill(block, torch.finfo(mask.dtype).min)
 
 
 @contextlib.contextmanager
 def knockout(adapter: VLMAdapter, specs: Sequence[Knockout]) -> Iterator[None]:
-    """Install per-row knockouts for the calls inside the block."""
+    """Install per-row knockouts for the calls inside the block.
+
+    Everything the hooks need is decided on the host or built once on the device (which rows each
+    layer blocks, the position masks), so a decoding step costs a few tensor operations per
+    blocked layer and never waits for the GPU: a wait per layer and step would serialise the host's
+    kernel launches with the GPU's work.
+    """
     layers = sorted(set().union(*(s.layers for s in specs if not s.empty))) if specs else []
-    masks: dict = {}  # (k_len, device) -> position masks, shared by every layer and call
+    # the last position any spec names: masks built this long cover every call of the block
+    last = max((int(max(s.queries.max(), s.keys.max())) for s in specs if not s.empty), default=-1)
+    last_key = max((int(s.keys.max()) for s in specs if not s.empty), default=-1)
+    built: dict = {}  # "masks" -> (query, key) [batch, length]; layer -> [batch] bool active rows
+
+    def masks(k_len: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        have = built.get("masks")
+        if have is None or have[0].shape[1] < k_len or have[0].device != device:
+            built["masks"] = _position_masks(specs, max(k_len, last + 1), device)
+        return built["masks"]
 
     def make_hook(layer: int):
         def block_keys(call: Call) -> Call | None:
@@ -125,10 +131,12 @@ def knockout(adapter: VLMAdapter, specs: Sequence[Knockout]) -> Iterator[None]:
             q_len = hidden.shape[1]
             # the layer's own cache length: earlier layers were already updated in this forward
             k_len = call.past_length(layer) + q_len if mask is None else mask.shape[-1]
-            block = _block_matrix(specs, layer, q_len, k_len, hidden.device, masks)
-            if block is None:
-                return None
-            return call.replace(attention_mask=apply_block(mask, block))
+            if layer not in built:
+                built[layer] = torch.tensor([layer in s.layers and not s.empty for s in specs], device=hidden.device)
+            block = _block_matrix(built[layer], masks(k_len, hidden.device), q_len, k_len)
+            # one query alone always keeps its own key unless a spec blocks it: then nothing to test
+            check = q_len > 1 or last_key >= k_len - q_len
+            return call.replace(attention_mask=apply_block(mask, block, check))
 
         return block_keys
 
