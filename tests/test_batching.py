@@ -43,11 +43,11 @@ def test_a_call_out_of_memory_is_split_and_the_rows_equal_small_batches(tiny_lla
     one = evaluation.evaluate(tiny_llava, samples, ["classification"], batch_size=1, progress=False)
     calls, real = [], evaluation._run_task
 
-    def tight(adapter, batch, chunk, task, mode=None):
+    def tight(adapter, batch, chunk, task, mode=None, cache=None):
         calls.append(len(chunk))
         if len(chunk) > 2:  # this "GPU" holds two rows
             raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
-        return real(adapter, batch, chunk, task, mode)
+        return real(adapter, batch, chunk, task, mode, cache)
 
     monkeypatch.setattr(evaluation, "_run_task", tight)
     with caplog.at_level(logging.WARNING, logger="vlmloc.evaluation"):

@@ -177,6 +177,13 @@ class Condition:
         return self.tasks is None or task in self.tasks
 
     @property
+    def keeps_image_prefix(self) -> bool:
+        """Whether every position up to the image's end computes as in the clean run (no
+        intervention, or attention knockout of queries after the image; attention is causal), so
+        the condition's rows may share the clean image prefix's keys and values."""
+        return all(isinstance(iv, BlockAttention) and iv.queries == "post_image" for iv in self.interventions)
+
+    @property
     def resources(self) -> set[str]:
         """Names of the resources its interventions read."""
         out = set()

@@ -35,6 +35,7 @@ from vlmloc.conditions import BASELINE, AblateHeads, BlockAttention, Condition, 
 from vlmloc.data.sample import Sample
 from vlmloc.engine.heads import HeadEdit, edit_heads
 from vlmloc.engine.knockout import Knockout, knockout
+from vlmloc.engine.prefix import share_image_prefix
 from vlmloc.engine.readout import generate, next_token_logprobs, yes_probability
 from vlmloc.engine.shared_images import vision_once_per_image
 from vlmloc.engine.token_edits import TokenEdit, edit_lm_input
@@ -92,15 +93,17 @@ def intervene(
 
 
 def _batches(order: list[int], batch_size: int, cost: Sequence[int] | None = None,
-             batch_tokens: int | None = None) -> Iterator[list[int]]:
+             batch_tokens: int | None = None, group: Sequence[Any] | None = None) -> Iterator[list[int]]:
     """Consecutive runs of `order` of at most `batch_size` rows and, with `batch_tokens`, at most
-    that many padded tokens (rows x the longest row's `cost`: prompt plus generated tokens)."""
+    that many padded tokens (rows x the longest row's `cost`: prompt plus generated tokens); with
+    `group`, a run never mixes items of different groups."""
     batch: list[int] = []
     longest = 0
     for i in order:
         c = cost[i] if cost is not None else 0
         over = batch_tokens is not None and (len(batch) + 1) * max(longest, c) > batch_tokens
-        if batch and (len(batch) >= batch_size or over):
+        other = group is not None and bool(batch) and group[i] != group[batch[-1]]
+        if batch and (len(batch) >= batch_size or over or other):
             yield batch
             batch, longest = [], 0
         batch.append(i)
@@ -130,6 +133,7 @@ def evaluate(
     resources: Resources | None = None,
     classification_mode: str | None = None,
     batch_tokens: int | None = None,
+    share_prefix: bool = False,
 ) -> pd.DataFrame:
     """One row per sample x task x condition measured on the task (results schema), minus keys in `skip`.
 
@@ -146,6 +150,12 @@ def evaluate(
     sink: called with the rows finished since its last call, at least every `flush_seconds`
     (0 = after every batch) and when a task ends, so a killed run keeps what it computed
     (`ResultStore.add` as the sink). The return value holds every row either way.
+
+    share_prefix: where the family allows it (`Family.image_prefix_cache`) and a task has several
+    conditions that all keep the image prefix (`Condition.keeps_image_prefix`: the baseline,
+    knockouts of queries after the image), the rows of one sample share one computation of the
+    image prefix's keys and values (`engine.prefix.share_image_prefix`); a call then holds rows
+    with as many visual tokens.
 
     Rows of different conditions share batches: one forward pass carries many conditions.
     Row order: task, then sample, then condition, as given. Extra columns: n_visual, n_edited,
@@ -171,12 +181,16 @@ def evaluate(
         last_flush = t0 = time.monotonic()
         order = length_order(adapter, items, task, mode)
         cost = [row_tokens(adapter, s, task, mode) for s, _ in items] if batch_tokens is not None else None
+        task_conditions = [c for c in conditions if c.measured_on(task)]
+        shared = (share_prefix and adapter.facts.image_prefix_cache and len(task_conditions) > 1
+                  and all(c.keeps_image_prefix for c in task_conditions))
+        group = [adapter.n_visual_tokens(s.width, s.height) for s, _ in items] if shared else None
         bar = tqdm(total=len(order), desc=task, disable=not progress, leave=False)
-        tokens, queue = batch_tokens, list(_batches(order, batch_size, cost, batch_tokens))
+        tokens, queue = batch_tokens, list(_batches(order, batch_size, cost, batch_tokens, group))
         while queue:
             idx = queue.pop(0)
             try:
-                rows.update(_run_rows(adapter, items, idx, task, mode, named, with_knockout, with_heads))
+                rows.update(_run_rows(adapter, items, idx, task, mode, named, with_knockout, with_heads, shared))
             except torch.cuda.OutOfMemoryError:
                 if len(idx) == 1:
                     raise
@@ -187,7 +201,7 @@ def evaluate(
                             "task %d rows per call (set batch_size or batch_tokens lower to avoid the retry)",
                             task, len(idx), size)
                 tokens = None if tokens is None else max(1, tokens * size // len(idx))
-                queue = [idx[:size], idx[size:]] + list(_batches(rest, size, cost, tokens))
+                queue = [idx[:size], idx[size:]] + list(_batches(rest, size, cost, tokens, group))
                 continue
             bar.update(len(idx))
             unsent += list(idx)
@@ -204,18 +218,27 @@ def evaluate(
 
 
 def _run_rows(adapter: VLMAdapter, items: Sequence[tuple[Sample, Condition]], idx: Sequence[int], task: str,
-              mode: str | None, named: Resources, with_knockout: bool, with_heads: bool) -> dict[int, dict[str, Any]]:
-    """The rows of items[idx]: one forward pass or generate call with each row's interventions."""
+              mode: str | None, named: Resources, with_knockout: bool, with_heads: bool,
+              shared: bool = False) -> dict[int, dict[str, Any]]:
+    """The rows of items[idx]: one forward pass or generate call with each row's interventions
+    (shared: after one clean computation of each sample's image prefix)."""
     chunk = [items[i] for i in idx]
     images = {s.sample_id: s.load_image() for s, _ in chunk}
-    batch = adapter.prepare([images[s.sample_id] for s, _ in chunk],
-                            [adapter.prompt(task, s.category, mode) for s, _ in chunk])
+    texts = [adapter.prompt(task, s.category, mode) for s, _ in chunk]
+    cache = None
+    if shared:
+        units = {key: u for u, key in enumerate(dict.fromkeys((s.sample_id, t) for (s, _), t in zip(chunk, texts)))}
+        prefix = share_image_prefix(adapter, [images[sid] for sid, _ in units], [t for _, t in units],
+                                    [units[(s.sample_id, t)] for (s, _), t in zip(chunk, texts)])
+        batch, cache = prefix.batch, prefix.cache
+    else:
+        batch = adapter.prepare([images[s.sample_id] for s, _ in chunk], texts)
     realized = [realize(c, s, lay, task, batch.seq_len, named) for (s, c), lay in zip(chunk, batch.layouts)]
     edits = [r.edits for r in realized]
     kos = [r.knockout for r in realized]
     heads = [r.heads for r in realized]
     with intervene(adapter, edits, kos, heads):
-        results = _run_task(adapter, batch, [s for s, _ in chunk], task, mode)
+        results = _run_task(adapter, batch, [s for s, _ in chunk], task, mode, cache)
     rows = {}
     for i, (sample, cond), res, layout, row_edits, ko, row_heads in zip(idx, chunk, results, batch.layouts, edits, kos, heads):
         n_edited = sum(e.n for e in row_edits)
@@ -248,17 +271,17 @@ def _base_row(sample: Sample, task: str, condition: str) -> dict[str, Any]:
 
 
 def _run_task(adapter: VLMAdapter, batch: PreparedBatch, chunk: Sequence[Sample], task: str,
-              mode: str | None = None) -> list[dict[str, Any]]:
+              mode: str | None = None, cache: Any = None) -> list[dict[str, Any]]:
     new_tokens = max_new_tokens(adapter, task, mode)
     if task == "classification":
         mode = mode or adapter.classification_mode
         if mode == "yes_no":
-            p_yes = yes_probability(adapter, next_token_logprobs(adapter, batch))
+            p_yes = yes_probability(adapter, next_token_logprobs(adapter, batch, cache))
             return [classification_outcome(float(p)) for p in p_yes]
-        answers = generate(adapter, batch, new_tokens)
+        answers = generate(adapter, batch, new_tokens, cache)
         outcome = list_classification_outcome if mode == "list" else open_classification_outcome
         return [outcome(adapter, a, s) for a, s in zip(answers, chunk)]
-    answers = generate(adapter, batch, new_tokens)
+    answers = generate(adapter, batch, new_tokens, cache)
     return [localization_outcome(adapter, a, s) for a, s in zip(answers, chunk)]
 
 

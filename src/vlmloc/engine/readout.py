@@ -8,16 +8,27 @@ batch of rows gives the same numbers as each row alone, within float tolerance. 
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 import torch
 
+from vlmloc.engine.hooks import cache_argument
 from vlmloc.models.adapter import PreparedBatch, VLMAdapter
 
 
 @torch.no_grad()
-def next_token_logprobs(adapter: VLMAdapter, batch: PreparedBatch) -> torch.Tensor:
-    """[batch, vocab] float32 log-probabilities of the token after the prompt."""
-    out = adapter.model(**batch.inputs, logits_to_keep=1)
+def next_token_logprobs(adapter: VLMAdapter, batch: PreparedBatch, cache: Any = None) -> torch.Tensor:
+    """[batch, vocab] float32 log-probabilities of the token after the prompt.
+
+    cache: a KV cache holding the first tokens of every row (`engine.prefix.share_image_prefix`):
+    only the positions after it are computed."""
+    if cache is None:
+        out = adapter.model(**batch.inputs, logits_to_keep=1)
+    else:
+        done = cache.get_seq_length()
+        inputs = {k: (v if k == "attention_mask" else v[..., done:]) for k, v in batch.inputs.items()}
+        out = adapter.model(**inputs, **cache_argument(adapter.model, cache), use_cache=True, logits_to_keep=1)
     return torch.log_softmax(out.logits[:, -1].float(), dim=-1)
 
 
@@ -42,10 +53,12 @@ def yes_probability(adapter: VLMAdapter, logprobs: torch.Tensor) -> np.ndarray:
 
 
 @torch.no_grad()
-def generate(adapter: VLMAdapter, batch: PreparedBatch, max_new_tokens: int) -> list[str]:
+def generate(adapter: VLMAdapter, batch: PreparedBatch, max_new_tokens: int, cache: Any = None) -> list[str]:
     """Greedy answers, one per row, decoded up to (not including) the first end-of-sequence token.
 
     Special tokens inside the answer (InternVL's <ref>/<box>) are kept: they are part of the box format.
+    cache: a KV cache holding the first tokens of every row (`engine.prefix.share_image_prefix`):
+    generation computes only the positions after it.
     """
     tok = adapter.tokenizer
     eos = adapter.model.generation_config.eos_token_id
@@ -58,6 +71,7 @@ def generate(adapter: VLMAdapter, batch: PreparedBatch, max_new_tokens: int) -> 
         num_beams=1,
         pad_token_id=tok.pad_token_id,
         eos_token_id=sorted(eos_ids),
+        **({} if cache is None else cache_argument(adapter.model, cache)),
     )
     answers = []
     for row in out[:, batch.seq_len :].tolist():

@@ -48,6 +48,12 @@ class Family:
     # per LM token in the LM tokens' order, row-major inside a block (the processor's patchify
     # order, which the merger concatenates); False: row-major over each tile's patch grid.
     vision_merge_blocks: bool = False
+    # Generation may start from a filled KV cache of the image prefix (every token up to the image's
+    # end, shared by a sample's rows: `vlmloc.engine.prefix.share_image_prefix`), the prompt's
+    # other tokens and the answer computed per row. Checked equal to full recomputation for LLaVA
+    # and InternVL (tests/test_prefix.py); not yet for Qwen-VL, whose M-RoPE positions generate
+    # builds from the image grid at its first step, so those rows are computed in full.
+    image_prefix_cache: bool = False
 
 
 FAMILIES: dict[str, Family] = {
@@ -64,6 +70,7 @@ FAMILIES: dict[str, Family] = {
             "vision": "model.vision_tower",
             "vision.layers": "model.vision_tower.encoder.layers",  # CLIP
         },
+        image_prefix_cache=True,
     ),
     "internvl": Family(
         name="internvl",
@@ -78,6 +85,7 @@ FAMILIES: dict[str, Family] = {
             "vision": "model.vision_tower",
             "vision.layers": "model.vision_tower.encoder.layer",  # InternViT
         },
+        image_prefix_cache=True,
     ),
     # Qwen2.5-VL: ViT with window attention (full attention in `fullatt_block_indexes`), a 2x2 patch
     # merger as projector, Qwen2 LM with M-RoPE. Its blocks and merger see the merge blocks in window
