@@ -208,3 +208,15 @@ def test_vision_once_per_image_gives_the_outputs_of_every_row_encoded(family, re
     with vision_once_per_image(ad):
         answers = generate(ad, batch, 6)
     assert answers == generate(ad, batch, 6)
+
+
+def test_distinct_rows_confirms_equal_sums_exactly():
+    """Rows 0, 1, 3 share a sum but only 0 and 3 are equal; row 2 is alone; first occurrence order."""
+    import torch
+
+    from vlmloc.engine.shared_images import distinct_rows
+
+    pixels = torch.tensor([[1.0, 2.0], [2.0, 1.0], [5.0, 5.0], [1.0, 2.0], [5.0, 5.0], [0.0, 3.0]]).view(6, 1, 2, 1)
+    firsts, inverse = distinct_rows(pixels)
+    assert firsts.tolist() == [0, 1, 2, 5]
+    assert inverse.tolist() == [0, 1, 2, 0, 2, 3]

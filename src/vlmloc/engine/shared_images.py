@@ -35,17 +35,24 @@ def distinct_rows(pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     flat = pixels.reshape(pixels.shape[0], -1)
     sums = flat.float().sum(-1).tolist()  # a cheap key; equal rows are then confirmed exactly
     firsts: list[int] = []
-    inverse: list[int] = []
+    inverse: list[int | None] = [None] * len(sums)
     by_sum: dict[float, list[int]] = {}
     for i, key in enumerate(sums):
-        match = next((u for u in by_sum.get(key, ()) if torch.equal(flat[firsts[u]], flat[i])), None)
-        if match is None:
-            match = len(firsts)
-            firsts.append(i)
-            by_sum.setdefault(key, []).append(match)
-        inverse.append(match)
+        by_sum.setdefault(key, []).append(i)
+    for rows in by_sum.values():
+        while rows:
+            # one comparison of the group's rows with its first (a single wait for the GPU per group)
+            same = (flat[rows] == flat[rows[0]]).all(-1).tolist()
+            firsts.append(rows[0])
+            for r, eq in zip(rows, same):
+                if eq:
+                    inverse[r] = len(firsts) - 1
+            rows = [r for r, eq in zip(rows, same) if not eq]
+    order = sorted(range(len(firsts)), key=lambda u: firsts[u])  # first occurrence order
+    rank = {u: k for k, u in enumerate(order)}
     dev = pixels.device
-    return torch.tensor(firsts, device=dev), torch.tensor(inverse, device=dev)
+    return (torch.tensor([firsts[u] for u in order], device=dev),
+            torch.tensor([rank[u] for u in inverse], device=dev))  # type: ignore[index]
 
 
 def _expand(value: Any, inverse: torch.Tensor, n_distinct: int) -> Any:
