@@ -74,7 +74,7 @@ def test_list_mode_generates_the_list_and_scores_the_named_category(list_llava, 
         assert row["answer"] == by_hand and row["p_yes"] != row["p_yes"]  # raw answer kept, no P(yes)
     # the criterion, on answers chosen here
     answers = {samples[0].sample_id: f"a {samples[0].category}s, a tree", samples[1].sample_id: "nothing at all"}
-    monkeypatch.setattr(evaluation, "generate", lambda ad, batch, n: [answers.get(sid, "") for sid in order])
+    monkeypatch.setattr(evaluation, "generate", lambda ad, batch, n, cache=None: [answers.get(sid, "") for sid in order])
     order = [samples[0].sample_id, samples[1].sample_id]
     got = evaluation.evaluate(list_llava, samples[:2], ["classification"], batch_size=2, progress=False)
     assert dict(zip(got["sample_id"], got["correct"])) == {samples[0].sample_id: True, samples[1].sample_id: False}

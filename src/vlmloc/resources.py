@@ -55,14 +55,18 @@ def register_scores(adapter: VLMAdapter, samples: list[Sample], batch_size: int)
 
 
 def ig_scores(adapter: VLMAdapter, samples: list[Sample], tasks: list[str], clean: pd.DataFrame, ig: Any,
-              mean: Any) -> dict[tuple[str, str], np.ndarray]:
+              mean: Any, completeness: list[dict[str, Any]] | None = None) -> dict[tuple[str, str], np.ndarray]:
     """Per (sample, task): IG attribution of the clean run's answer: for yes/no classification
     log P(yes)/(P(yes)+P(no)) (the clean answer is yes or no: its margin), for list or open
     classification and for localization the teacher-forced log-probability of the clean generated
     text (the list, the box). ig: experiment.integrated_gradients.
 
     Every (sample, task) is one target of one `integrated_gradients_batch` call, task by task (the
-    prompts of one task have similar lengths, so passes that mix targets pad little)."""
+    prompts of one task have similar lengths, so passes that mix targets pad little).
+
+    completeness: when given, one row per target is appended (`completeness_rows`): f at the
+    image and at the baseline, the attributions' sum, and how far the sum is from f(x) - f(b) (the
+    midpoint rule's error; one more forward pass per target, no backward)."""
     baseline = mean if str(ig.baseline) == "mean" else None
     answers = clean.set_index(["sample_id", "task"])["answer"]
     out, t0 = {}, time.monotonic()
@@ -79,9 +83,12 @@ def ig_scores(adapter: VLMAdapter, samples: list[Sample], tasks: list[str], clea
             keys.append((s.sample_id, task))
             targets.append(Target(s.load_image, adapter.prompt(task, s.category), answer))
     attrs = integrated_gradients_batch(adapter, targets, baseline=baseline, steps=int(ig.steps),
-                                       batch_size=int(ig.batch_size), progress=bool(targets))
+                                       batch_size=int(ig.batch_size), progress=bool(targets),
+                                       endpoints=completeness is not None)
     for key, (attr, _, _) in zip(keys, attrs):
         out[key] = np.abs(attr) if str(ig.rank_by) == "abs" else attr
+    if completeness is not None:
+        completeness.extend(completeness_rows(keys, attrs, int(ig.steps)))
     log.info("integrated gradients: %d samples x %d tasks in %.1f s", len(samples), len(tasks), time.monotonic() - t0)
     return out
 
@@ -108,11 +115,41 @@ def _head_means(ctx: Any) -> dict[str, HeadMeans]:
     return means
 
 
+def completeness_rows(keys: list[tuple[str, str]], attrs: list[tuple[np.ndarray, float, float]],
+                      steps: int) -> list[dict[str, Any]]:
+    """Per target (sample_id, task): f(x), f(b), the attributions' sum, gap = sum - (f(x) - f(b)) and
+    relative_gap = |gap| / |f(x) - f(b)| (NaN when f(x) = f(b))."""
+    rows = []
+    for (sample_id, task), (attr, f_x, f_b) in zip(keys, attrs):
+        total, change = float(np.sum(attr)), f_x - f_b
+        rows.append({"sample_id": sample_id, "task": task, "steps": steps, "f_x": f_x, "f_b": f_b,
+                     "attribution_sum": total, "gap": total - change,
+                     "relative_gap": abs(total - change) / abs(change) if change != 0 else float("nan")})
+    return rows
+
+
+IG_COMPLETENESS_FILE = "ig_completeness.parquet"
+
+
 def _ig(ctx: Any) -> dict[tuple[str, str], np.ndarray]:
+    """The IG scores of this run's samples; their completeness written to ig_completeness.parquet
+    (this shard's copy when sharded) and its median relative gap per task logged."""
     rows = ctx.store.load()
     clean = rows[rows["condition"] == BASELINE.name]
-    return ig_scores(ctx.adapter, ctx.work_samples, list(ctx.cfg.tasks), clean, ctx.cfg.experiment.integrated_gradients,
-                     ctx.resources["mean_embedding"])
+    completeness: list[dict[str, Any]] = []
+    scores = ig_scores(ctx.adapter, ctx.work_samples, list(ctx.cfg.tasks), clean, ctx.cfg.experiment.integrated_gradients,
+                       ctx.resources["mean_embedding"], completeness)
+    table = pd.DataFrame(completeness, columns=COMPLETENESS_COLUMNS)
+    table.to_parquet(ctx.run_dir / ctx.shard.file(IG_COMPLETENESS_FILE), index=False)
+    for task, part in table.groupby("task"):
+        log.info("integrated gradients, %s: completeness |sum - (f(x) - f(b))| / |f(x) - f(b)| median %.3f, "
+                 "90th percentile %.3f over %d targets at %d steps (%s)", task, part["relative_gap"].median(),
+                 part["relative_gap"].quantile(0.9), len(part), int(ctx.cfg.experiment.integrated_gradients.steps),
+                 IG_COMPLETENESS_FILE)
+    return scores
+
+
+COMPLETENESS_COLUMNS = ["sample_id", "task", "steps", "f_x", "f_b", "attribution_sum", "gap", "relative_gap"]
 
 
 def run_resources(ctx: Any) -> Resources:

@@ -13,7 +13,10 @@ from typing import Any
 import numpy as np
 import torch
 
+from transformers import DynamicCache
+
 from vlmloc.engine.hooks import cache_argument
+from vlmloc.engine.kv_cache import grow_in_place
 from vlmloc.models.adapter import PreparedBatch, VLMAdapter
 
 
@@ -58,8 +61,11 @@ def generate(adapter: VLMAdapter, batch: PreparedBatch, max_new_tokens: int, cac
 
     Special tokens inside the answer (InternVL's <ref>/<box>) are kept: they are part of the box format.
     cache: a KV cache holding the first tokens of every row (`engine.prefix.share_image_prefix`):
-    generation computes only the positions after it.
+    generation computes only the positions after it. Either way the cache grows in place
+    (`engine.kv_cache`): no copy of it per decoding step.
     """
+    cache = grow_in_place(DynamicCache(config=adapter.text_config) if cache is None else cache,
+                          batch.seq_len + int(max_new_tokens))
     tok = adapter.tokenizer
     eos = adapter.model.generation_config.eos_token_id
     eos_ids = set(eos if isinstance(eos, list) else [eos]) | {tok.eos_token_id}
@@ -71,7 +77,7 @@ def generate(adapter: VLMAdapter, batch: PreparedBatch, max_new_tokens: int, cac
         num_beams=1,
         pad_token_id=tok.pad_token_id,
         eos_token_id=sorted(eos_ids),
-        **({} if cache is None else cache_argument(adapter.model, cache)),
+        **cache_argument(adapter.model, cache),
     )
     answers = []
     for row in out[:, batch.seq_len :].tolist():

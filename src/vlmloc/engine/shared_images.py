@@ -40,6 +40,10 @@ def distinct_rows(pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     for i, key in enumerate(sums):
         by_sum.setdefault(key, []).append(i)
     for rows in by_sum.values():
+        if len(rows) == 1:  # a sum of its own: distinct, nothing to confirm
+            firsts.append(rows[0])
+            inverse[rows[0]] = len(firsts) - 1
+            continue
         while rows:
             # one comparison of the group's rows with its first (a single wait for the GPU per group)
             same = (flat[rows] == flat[rows[0]]).all(-1).tolist()
