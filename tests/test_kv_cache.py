@@ -8,7 +8,7 @@ from transformers import DynamicCache
 
 from conftest import compose_cfg, noise_image
 from vlmloc.engine.hooks import cache_argument
-from vlmloc.engine.kv_cache import InPlaceLayer, grow_in_place
+from vlmloc.engine.kv_cache import InPlaceLayer, grow_in_place, rows_in_place
 from vlmloc.engine.readout import generate
 from vlmloc.models import load_adapter
 
@@ -54,3 +54,24 @@ def test_generation_with_the_in_place_cache_equals_the_concatenating_cache(famil
     assert torch.equal(plain.sequences, fast.sequences)
     assert max(float((a - b).abs().max()) for a, b in zip(plain.scores, fast.scores)) < 1e-5
     assert len(set(generate(ad, batch, n))) == 2  # the project's generate runs on it too
+
+
+def test_rows_in_place_equals_batch_selection_then_grows_alike():
+    from transformers import LlamaConfig
+
+    config = LlamaConfig(num_hidden_layers=2, hidden_size=8, num_attention_heads=2, num_key_value_heads=2)
+    g = torch.Generator().manual_seed(1)
+    a, b = DynamicCache(config=config), DynamicCache(config=config)
+    for layer in range(2):
+        k, v = torch.randn(2, 2, 5, 4, generator=g), torch.randn(2, 2, 5, 4, generator=g)
+        a.update(k, v, layer)
+        b.update(k, v, layer)
+    idx = torch.tensor([1, 1, 0, 1])
+    rows_in_place(a, idx, 7)
+    b.batch_select_indices(idx)
+    for step in range(3):  # 5 + 3 > 7: the third step doubles the buffer
+        for layer in range(2):
+            k, v = torch.randn(4, 2, 1, 4, generator=g), torch.randn(4, 2, 1, 4, generator=g)
+            got, want = a.update(k, v, layer), b.update(k, v, layer)
+            assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+    assert all(isinstance(layer, InPlaceLayer) for layer in a.layers) and a.get_seq_length() == 8

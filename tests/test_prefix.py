@@ -70,9 +70,13 @@ def test_shared_prefix_generation_equals_full_recomputation(family):
             want = generate(ad, full, new)
             want_lp = next_token_logprobs(ad, full)
         n_full = len(seen)
-        shared = share_image_prefix(ad, images, texts, unit_of_row)
+        shared = share_image_prefix(ad, images, texts, unit_of_row, new)
+        buffer = shared.cache.layers[0]._buffers[0]
         with knockout(ad, _specs(shared.batch, new)):
             got = generate(ad, shared.batch, new, shared.cache)
+    # the prefix rows went straight into buffers sized for the call: generation never regrew them
+    assert buffer.shape[:3] == (5, buffer.shape[1], shared.batch.seq_len + new)
+    assert shared.cache.layers[0]._buffers[0].data_ptr() == buffer.data_ptr()
     prefix_call, suffix_call = seen[n_full], seen[n_full + 1]
     # the prefix computed once per image, then only the rest of the prompt per row
     assert prefix_call == (2, shared.split) and suffix_call == (5, shared.batch.seq_len - shared.split)

@@ -74,3 +74,26 @@ def grow_in_place(cache: Any, capacity: int) -> Any:
         if type(layer) is DynamicLayer:
             InPlaceLayer.adopt(layer, capacity)
     return cache
+
+
+def rows_in_place(cache: Any, index: torch.Tensor, capacity: int) -> Any:
+    """`cache` holding rows `index` of its rows (a row may repeat: one sample's prefix for many
+    condition rows), each plain DynamicLayer turned into an InPlaceLayer of `capacity` positions.
+    Layer by layer, the selected rows are written straight into the new buffer, so the expanded
+    cache exists once (batch_select_indices followed by a first update would hold it twice)."""
+    for layer in getattr(cache, "layers", ()):
+        if type(layer) is not DynamicLayer:
+            layer.batch_select_indices(index)
+            continue
+        k, v = layer.keys, layer.values
+        InPlaceLayer.adopt(layer, capacity)
+        if not layer.is_initialized or k.numel() == 0:
+            continue
+        filled = k.shape[-2]
+        bk = k.new_empty(len(index), k.shape[1], max(capacity, filled), k.shape[3])
+        bv = v.new_empty(len(index), v.shape[1], max(capacity, filled), v.shape[3])
+        bk[:, :, :filled] = k[index]
+        bv[:, :, :filled] = v[index]
+        layer._buffers = (bk, bv)
+        layer.keys, layer.values = bk[:, :, :filled], bv[:, :, :filled]
+    return cache

@@ -29,6 +29,7 @@ from transformers import DynamicCache
 
 from vlmloc.engine.heads import LayerInputs, capture_layer_inputs, run_from_layer
 from vlmloc.engine.hooks import cache_argument
+from vlmloc.engine.kv_cache import rows_in_place
 from vlmloc.models.adapter import PreparedBatch, VLMAdapter
 
 SEQUENCE_INPUTS = ("input_ids", "attention_mask", "position_ids")
@@ -47,11 +48,12 @@ class SharedPrefix:
 
 @torch.no_grad()
 def share_image_prefix(adapter: VLMAdapter, images: Sequence[Image.Image], texts: Sequence[str],
-                       unit_of_row: Sequence[int]) -> SharedPrefix:
+                       unit_of_row: Sequence[int], new_tokens: int = 0) -> SharedPrefix:
     """Rows given as units (distinct image and prompt: images[u], texts[u]) and, per row, its unit.
 
     One forward pass computes each unit's prefix (its tokens up to the image's end) once; row r's
-    cache rows are copies of its unit's. The padding sits between the prefix and the rest of the
+    cache rows are copies of its unit's, in a cache that grows in place (`engine.kv_cache`) with
+    room for the prompt and `new_tokens` generated tokens. The padding sits between the prefix and the rest of the
     prompt, masked out, so every row's prefix ends at the same position `split`; position ids
     count real tokens only, so each row computes what it would alone, left padded. Units must
     have equally long prefixes (as many visual tokens).
@@ -70,9 +72,9 @@ def share_image_prefix(adapter: VLMAdapter, images: Sequence[Image.Image], texts
     prefix_inputs["position_ids"] = adapter.position_ids(prefix_inputs)
     cache = DynamicCache(config=adapter.text_config)
     adapter.model(**prefix_inputs, **cache_argument(adapter.model, cache), use_cache=True, logits_to_keep=1)
-    cache.batch_select_indices(torch.as_tensor(list(unit_of_row), device=prefix_ids.device))
-
     longest = max(len(row) for row in ids)
+    rows_in_place(cache, torch.as_tensor(list(unit_of_row), device=prefix_ids.device), longest + int(new_tokens))
+
     pad_id = adapter.tokenizer.pad_token_id
     rows_ids, rows_mask, layouts = [], [], []
     for u in unit_of_row:
