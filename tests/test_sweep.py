@@ -58,3 +58,19 @@ def test_a_reused_sweep_folder_reports_only_this_sweeps_jobs(tmp_path):
     assert "baseline-tiny_llava-synthetic" not in report and report.rstrip().endswith("sweep: 1 of 1 job(s) done")
     assert sorted(p.parent.name for p in (tmp_path / "paper").rglob("job-*.json")) == [
         "baseline-tiny_llava-synthetic", "second"]
+
+
+def test_a_job_of_this_host_from_before_the_sweep_is_left_out_even_within_the_clock_slack(tmp_path):
+    import socket
+
+    from vlmloc.sweep import sweep_report
+
+    since = 1000.0
+    for name, written, host in (("old-here", since - 0.5, socket.gethostname()), ("new-here", since + 2, socket.gethostname()),
+                                ("old-there", since - 0.5, "another-host"), ("older-there", since - 5, "another-host")):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "job-0.json").write_text(json.dumps({
+            "num": 0, "overrides": [name], "status": "user error", "error": "x", "run_dir": str(tmp_path / name),
+            "log": "l", "launcher_output": None, "written": written, "host": host}))
+    text, _ = sweep_report(tmp_path, since=since)
+    assert "2 job(s)" in text and "#0 new-here" in text and "#0 old-there" in text

@@ -11,6 +11,7 @@ error; then exits with status 2 when a job had a user error, 1 when a job hit a 
 from __future__ import annotations
 
 import json
+import socket
 import sys
 import time
 from pathlib import Path
@@ -38,6 +39,7 @@ def record_job(run_dir: Path, hydra_cfg: Any, status: str, error: str | None = N
         "log": str(run_dir / f"{hydra_cfg.job.name}.log"),
         "launcher_output": launcher_dir,
         "written": time.time(),  # the report keeps its own sweep's jobs when a sweep dir is reused
+        "host": socket.gethostname(),  # whose clock wrote `written`
     }
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / JOB_FILE.format(num=record["num"])).write_text(json.dumps(record, indent=2))
@@ -54,8 +56,12 @@ def sweep_report(sweep_dir: Path, since: float | None = None) -> tuple[str, int]
     since: the sweep's start (time.time()); job records written before it belong to an earlier
     sweep into the same folder (a fixed hydra.sweep.dir, as the README's whole-paper run uses)."""
     records = [json.loads(p.read_text()) for p in sweep_dir.rglob(JOB_FILE.format(num="*"))]
-    if since is not None:  # one second of slack for the clocks of other hosts
-        records = [r for r in records if float(r.get("written", since)) >= since - 1.0]
+    if since is not None:
+        # one second of slack for the clocks of other hosts only: a sweep started on this host less
+        # than a second after the last one's job ended must not report that job
+        here = socket.gethostname()
+        records = [r for r in records
+                   if float(r.get("written", since)) >= since - (0.0 if r.get("host") == here else 1.0)]
     records.sort(key=lambda r: r["num"])
     lines = [f"\nsweep {sweep_dir}: {len(records)} job(s)"]
     for r in records:
