@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pandas as pd
 import pytest
+import torch
 
 from conftest import compose_cfg, hand_object_tokens
 from vlmloc import app, runner
@@ -32,6 +33,27 @@ def test_token_ablation_end_to_end(model, tmp_path, monkeypatch):
     table = (run_dir / "table1_token_ablation.md").read_text()
     assert "| object_tokens:p=+2" in table and "loc_delta" in table
     assert list((tmp_path / "cache" / "mean_embedding").glob("*.pt"))
+    # IG's completeness per target; f(x) of a localization target equals a plain teacher-forced forward
+    comp = pd.read_parquet(run_dir / "ig_completeness.parquet")
+    assert len(comp) == 4 and set(comp["task"]) == {"classification", "localization"} and (comp["steps"] == 2).all()
+    assert (comp["gap"] - (comp["attribution_sum"] - (comp["f_x"] - comp["f_b"]))).abs().max() < 1e-6
+    assert (comp["f_x"] != comp["f_b"]).all()
+    from vlmloc.data import load_samples
+    from vlmloc.engine.readout import answer_logprobs
+    from vlmloc.models import load_adapter
+
+    ad = load_adapter(cfg.model)
+    sample = load_samples(cfg.data)[0][0]
+    clean = df[(df["condition"] == "baseline") & (df["task"] == "localization") & (df["sample_id"] == sample.sample_id)]
+    prompt = ad.prompt("localization", sample.category)
+    answer = str(ad.cfg.classification.answer_prefix) + clean["answer"].iloc[0]
+    full = ad.prepare([sample.load_image()], [prompt + answer])
+    n_answer = full.seq_len - ad.prepare([sample.load_image()], [prompt]).seq_len
+    with torch.no_grad():
+        logp = torch.log_softmax(ad.model(**full.inputs).logits.float(), dim=-1)
+    want = float(answer_logprobs(logp, full.inputs["input_ids"][0, -n_answer:]).sum())
+    got = comp[(comp["sample_id"] == sample.sample_id) & (comp["task"] == "localization")]["f_x"].iloc[0]
+    assert got == pytest.approx(want, abs=1e-3)
     # rerun: nothing to do, the adapter is never built
     monkeypatch.setattr(runner, "load_adapter", lambda cfg: pytest.fail("a finished run must not load the model"))
     app.run(cfg, run_dir)
@@ -220,3 +242,45 @@ def test_distinct_rows_confirms_equal_sums_exactly():
     firsts, inverse = distinct_rows(pixels)
     assert firsts.tolist() == [0, 1, 2, 5]
     assert inverse.tolist() == [0, 1, 2, 0, 2, 3]
+
+
+def test_ig_steps_check_reports_completeness_and_top_k_overlap_computed_by_hand(tmp_path):
+    """check_steps=[1] against steps=3: the stored gap and overlap equal the engine's IG at 1 and 3
+    steps, ranked by hand (numpy argsort over the layout's tokens, k = the object's token count)."""
+    import numpy as np
+
+    from vlmloc.data import load_samples
+    from vlmloc.engine.attribution import integrated_gradients
+    from vlmloc.models import load_adapter
+    from vlmloc.selection import object_positions
+
+    cfg = compose_cfg("experiment=token_ablation", "model=tiny_llava", "data=synthetic", "data.n=2",
+                      f"paths.cache_dir={tmp_path / 'cache'}", "experiment.integrated_gradients.steps=3",
+                      "experiment.integrated_gradients.check_steps=[1]", "experiment.integrated_gradients.check_samples=1",
+                      "experiment.integrated_gradients.batch_size=4", "model.localization.max_new_tokens=8",
+                      "experiment.strategies=[integrated_gradients]", "experiment.pads=[0]", data_dir=tmp_path / "data")
+    run_dir = tmp_path / "run"
+    app.run(cfg, run_dir)
+    check = pd.read_parquet(run_dir / "ig_steps_check.parquet")
+    assert sorted(check["steps"].unique().tolist()) == [1, 3] and len(check) == 4  # 1 sample x 2 tasks x 2
+    assert (check.loc[check["steps"] == 3, "top_k_overlap"] == 1.0).all()
+    assert "how many steps the ranking needs" in (run_dir / "ig_steps_check.md").read_text()
+    ad = load_adapter(cfg.model)
+    (sample,) = load_samples(cfg.data)[0][:1]
+    mean = torch.load(next((tmp_path / "cache" / "mean_embedding").glob("*.pt")), map_location="cpu")
+    rows = pd.read_parquet(run_dir / "results.parquet")
+    lay = ad.prepare([sample.load_image()], [ad.prompt("localization", sample.category)]).layouts[0]
+    k = len(object_positions(lay, sample))
+    for task in ("classification", "localization"):
+        answer = None
+        if task == "localization" or ad.classification_mode != "yes_no":
+            clean = rows[(rows["condition"] == "baseline") & (rows["task"] == task)]
+            answer = str(ad.cfg.classification.answer_prefix) + clean["answer"].iloc[0]
+        prompt = ad.prompt(task, sample.category)
+        a3, _, _ = integrated_gradients(ad, sample.load_image(), prompt, answer=answer, baseline=mean, steps=3, batch_size=4)
+        a1, fx, fb = integrated_gradients(ad, sample.load_image(), prompt, answer=answer, baseline=mean, steps=1, batch_size=4)
+        top3, top1 = set(np.argsort(-a3, kind="stable")[:k]), set(np.argsort(-a1, kind="stable")[:k])
+        got = check[(check["task"] == task) & (check["steps"] == 1)].iloc[0]
+        assert got["k"] == k > 0
+        assert got["top_k_overlap"] == pytest.approx(len(top3 & top1) / k)
+        assert got["relative_gap"] == pytest.approx(abs(a1.sum() - (fx - fb)) / abs(fx - fb), rel=1e-3, abs=1e-4)

@@ -25,6 +25,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import torch
+from omegaconf import OmegaConf
 from tqdm.auto import tqdm
 
 from vlmloc.conditions import BASELINE, Resources
@@ -34,7 +35,9 @@ from vlmloc.engine.head_means import HeadMeans, head_means
 from vlmloc.engine.mean_embedding import mean_visual_embedding
 from vlmloc.engine.visual_features import prepared_batches, projector_io
 from vlmloc.models.adapter import VLMAdapter
+from vlmloc.reports.tables import to_markdown
 from vlmloc.rundir import computed_once
+from vlmloc.selection import object_positions, top_k_positions
 
 log = logging.getLogger("vlmloc.resources")
 
@@ -141,12 +144,61 @@ def _ig(ctx: Any) -> dict[tuple[str, str], np.ndarray]:
                        ctx.resources["mean_embedding"], completeness)
     table = pd.DataFrame(completeness, columns=COMPLETENESS_COLUMNS)
     table.to_parquet(ctx.run_dir / ctx.shard.file(IG_COMPLETENESS_FILE), index=False)
+    ig = ctx.cfg.experiment.integrated_gradients
     for task, part in table.groupby("task"):
         log.info("integrated gradients, %s: completeness |sum - (f(x) - f(b))| / |f(x) - f(b)| median %.3f, "
                  "90th percentile %.3f over %d targets at %d steps (%s)", task, part["relative_gap"].median(),
-                 part["relative_gap"].quantile(0.9), len(part), int(ctx.cfg.experiment.integrated_gradients.steps),
-                 IG_COMPLETENESS_FILE)
+                 part["relative_gap"].quantile(0.9), len(part), int(ig.steps), IG_COMPLETENESS_FILE)
+    if len(ig.check_steps):
+        check = ig_steps_check(ctx.adapter, ctx.work_samples[: int(ig.check_samples)], list(ctx.cfg.tasks), clean, ig,
+                               ctx.resources["mean_embedding"], scores, table)
+        check.to_parquet(ctx.run_dir / ctx.shard.file(IG_STEPS_CHECK_FILE), index=False)
+        summary = steps_check_summary(check)
+        (ctx.run_dir / ctx.shard.file(IG_STEPS_CHECK_FILE.replace(".parquet", ".md"))).write_text(
+            f"# Integrated gradients: how many steps the ranking needs\n\n{to_markdown(summary, digits=3)}\n")
+        log.info("integrated gradients, steps check (%s):\n%s", IG_STEPS_CHECK_FILE, summary.to_string(index=False))
     return scores
+
+
+IG_STEPS_CHECK_FILE = "ig_steps_check.parquet"
+
+
+def ig_steps_check(adapter: VLMAdapter, samples: list[Sample], tasks: list[str], clean: pd.DataFrame, ig: Any,
+                   mean: Any, full: dict[tuple[str, str], np.ndarray], full_completeness: pd.DataFrame) -> pd.DataFrame:
+    """Per sample x task x step count (ig.check_steps, and ig.steps itself): the completeness gap and
+    top_k_overlap, the share of the k tokens ranked highest at ig.steps (k = the object's token
+    count, as the IG condition selects) that the ranking at this step count also ranks in its top k."""
+    layouts = {s.sample_id: adapter.prepare([s.load_image()], [adapter.prompt("localization", s.category)]).layouts[0]
+               for s in samples}
+    ks = {s.sample_id: len(object_positions(layouts[s.sample_id], s)) for s in samples}
+    own = full_completeness.set_index(["sample_id", "task"])["relative_gap"]
+    rows = []
+    for steps in [*sorted({int(x) for x in ig.check_steps}), int(ig.steps)]:
+        completeness: list[dict[str, Any]] = []
+        if steps == int(ig.steps):
+            scores = full
+        else:
+            fewer = {"baseline": ig.baseline, "steps": steps, "batch_size": ig.batch_size, "rank_by": ig.rank_by}
+            scores = ig_scores(adapter, samples, tasks, clean, OmegaConf.create(fewer), mean, completeness)
+        gaps = {(r["sample_id"], r["task"]): r["relative_gap"] for r in completeness}
+        for s in samples:
+            lay, k = layouts[s.sample_id], ks[s.sample_id]
+            for task in tasks:
+                key = (s.sample_id, task)
+                want = set(top_k_positions(lay, full[key], k).tolist())
+                got = set(top_k_positions(lay, scores[key], k).tolist())
+                gap = own.get(key, np.nan) if steps == int(ig.steps) else gaps.get(key, np.nan)
+                rows.append({"sample_id": s.sample_id, "task": task, "steps": steps, "k": k,
+                             "top_k_overlap": len(want & got) / k if k else np.nan, "relative_gap": float(gap)})
+    return pd.DataFrame(rows)
+
+
+def steps_check_summary(check: pd.DataFrame) -> pd.DataFrame:
+    """Per task and step count: median completeness gap, mean top-k overlap, targets."""
+    return (check.groupby(["task", "steps"])
+            .agg(median_relative_gap=("relative_gap", "median"), mean_top_k_overlap=("top_k_overlap", "mean"),
+                 targets=("sample_id", "size"))
+            .reset_index().round(3))
 
 
 COMPLETENESS_COLUMNS = ["sample_id", "task", "steps", "f_x", "f_b", "attribution_sum", "gap", "relative_gap"]

@@ -54,8 +54,13 @@ class IntegratedGradients:
     steps: int = MISSING
     batch_size: int = MISSING
     rank_by: str = MISSING
+    check_steps: tuple[int, ...] = MISSING
+    check_samples: int = MISSING
 
     def __post_init__(self) -> None:
+        for s in self.check_steps:
+            at_least("experiment.integrated_gradients.check_steps[]", s, 1)
+        at_least("experiment.integrated_gradients.check_samples", self.check_samples, 1)
         one_of("experiment.integrated_gradients.baseline", self.baseline, IG_BASELINES)
         at_least("experiment.integrated_gradients.steps", self.steps, 1)
         at_least("experiment.integrated_gradients.batch_size", self.batch_size, 1)
