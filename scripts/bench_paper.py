@@ -61,6 +61,10 @@ PLAN: dict[str, tuple[list[str], str, int, int]] = {
                         "experiment.probe.epochs=2"], "image-epoch", PAPER_PROBE_IMAGES, 40),
 }
 
+# the small run's n, where not one: knockout's 77 rows per object per task nearly fill a call, so
+# its small run holds a third of the objects and the two runs differ by whole calls
+SMALL_N = {"knockout": 2}
+
 
 def run_info(run_dir: Path) -> dict:
     return json.loads((run_dir / "run.json").read_text())
@@ -82,10 +86,7 @@ def main() -> None:
     for name in a.experiments.split(","):
         extra, unit, paper, n = PLAN[name]
         n = max(2, round(n * a.scale))
-        # the small run: one object, or a third of n where one object's rows nearly fill a call
-        # (knockout: 77 rows per task), so both runs' calls hold as many objects and the
-        # difference is whole calls, not a half-empty one
-        n_small = max(1, n // 3) if name == "knockout" else 1
+        n_small = max(1, min(n - 1, round(SMALL_N.get(name, 1) * a.scale)))
         exp = [] if any(o.startswith("experiment=") for o in extra) else [f"experiment={name}"]
         if unit == "pair":
             if not (pairs_dir / "manifest.parquet").exists():
