@@ -12,7 +12,9 @@ Rerecorded since: head_ablation-demo_llava (random head sets nested across k), k
 (random keys from the image area), cma-demo_llava (source IoU column, dropped-pairs line; median and
 pooled MF columns), head_ablation-demo_llava (median and pooled MF columns; head means by position
 role, generated tokens taking the text positions' mean), and every demo_llava record (the demo models'
-third training stage, which adds the list prompt: classification.mode=list is now their default).
+third training stage, which adds the list prompt: classification.mode=list is now their default);
+token_ablation-demo_llava gained ig_completeness.parquet (IG's completeness per target, a new
+output; its results.parquet is the earlier record, unchanged).
 """
 
 from __future__ import annotations

@@ -130,7 +130,7 @@ def test_integrated_gradients_in_list_mode_attribute_the_clean_list(list_llava, 
     samples, _ = load_samples(compose_cfg("data=synthetic", "data.n=1", data_dir=tmp_path).data)
     seen = []
 
-    def fake_ig(adapter, targets, *, baseline, steps, batch_size, progress):
+    def fake_ig(adapter, targets, *, baseline, steps, batch_size, progress, endpoints=False):
         seen.extend((t.prompt, t.answer) for t in targets)
         return [(torch.zeros(576).numpy(), 0.0, 0.0) for _ in targets]
 
