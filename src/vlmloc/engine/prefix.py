@@ -53,10 +53,10 @@ def share_image_prefix(adapter: VLMAdapter, images: Sequence[Image.Image], texts
 
     One forward pass computes each unit's prefix (its tokens up to the image's end) once; row r's
     cache rows are copies of its unit's, in a cache that grows in place (`engine.kv_cache`) with
-    room for the prompt and `new_tokens` generated tokens. The padding sits between the prefix and the rest of the
-    prompt, masked out, so every row's prefix ends at the same position `split`; position ids
-    count real tokens only, so each row computes what it would alone, left padded. Units must
-    have equally long prefixes (as many visual tokens).
+    room for the prompt and `new_tokens` generated tokens. The padding sits between the prefix
+    and the rest of the prompt, masked out, so every row's prefix ends at the same position
+    `split`; position ids count real tokens only, so each row computes what it would alone, left
+    padded. Units must have equally long prefixes (as many visual tokens).
     """
     units = adapter.prepare(images, texts)
     mask = units.inputs["attention_mask"].bool()
