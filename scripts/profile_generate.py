@@ -7,7 +7,9 @@ For one batch of localization prompts (synthetic scenes), in one run and side by
   condition of the paper (object keys, layers 0-5) on every row;
 - the host-device synchronisations of each, counted by `torch.cuda.set_sync_debug_mode` and
   grouped by the line that asked for them;
-- a cProfile of each (`--out DIR/profile-<variant>.txt`, the 30 costliest functions by own time).
+- a cProfile of each (`--out DIR/profile-<variant>.txt`, the 30 costliest functions by own time);
+- with `--kernels`, torch.profiler's table of the GPU kernels of a 1-token call and of a full one
+  (`kernels-<variant>.txt`, 25 rows each by GPU time): their difference is the decode steps'.
 
     PYTHONPATH=src python scripts/profile_generate.py --config-dir ../shared/real_configs/llava-1.5-7b-hf \\
         --out /tmp/profile [--batch 32] [--new-tokens 32]
@@ -92,6 +94,16 @@ def sync_sites() -> Iterator[Counter]:
             warnings.showwarning = old
 
 
+def kernel_table(fn: Callable[[], object], title: str) -> str:
+    """torch.profiler's 25 costliest GPU kernels of one call of fn, by GPU time."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        fn()
+        sync()
+    return f"## {title}\n" + prof.key_averages().table(sort_by="cuda_time_total", row_limit=25)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     checkpoint_args(ap)
@@ -99,6 +111,7 @@ def main() -> None:
     ap.add_argument("--new-tokens", type=int, default=32)
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--variants", default="hf,intervene,knockout")
+    ap.add_argument("--kernels", action="store_true", help="also write torch.profiler's GPU kernel tables")
     ap.add_argument("overrides", nargs="*")
     a = ap.parse_args()
     a.checkpoint = checkpoint_path(a)
@@ -163,6 +176,9 @@ def main() -> None:
         text = io.StringIO()
         pstats.Stats(prof, stream=text).sort_stats("tottime").print_stats(30)
         (a.out / f"profile-{name}.txt").write_text(text.getvalue())
+        if a.kernels and torch.cuda.is_available():
+            (a.out / f"kernels-{name}.txt").write_text("\n\n".join(kernel_table(lambda n=n: fn(n), f"{n} new token(s)")
+                                                                  for n in (1, a.new_tokens)))
         row = {"variant": name, "warmup_s": round(warm, 1), "prefill_plus_1_s": round(one, 4), "total_s": round(full, 4),
                "decode_step_ms": round(step * 1e3, 2), "syncs_in_4_tokens": sum(sites.values()),
                "sync_sites": dict(sites.most_common(12)),
