@@ -227,10 +227,10 @@ def _run_rows(adapter: VLMAdapter, items: Sequence[tuple[Sample, Condition]], id
     texts = [adapter.prompt(task, s.category, mode) for s, _ in chunk]
     cache = None
     if shared:
-        units = {key: u for u, key in enumerate(dict.fromkeys((s.sample_id, t) for (s, _), t in zip(chunk, texts)))}
+        keys = [(s.sample_id, t) for (s, _), t in zip(chunk, texts)]
+        units = {key: u for u, key in enumerate(dict.fromkeys(keys))}  # distinct (image, prompt), in order
         prefix = share_image_prefix(adapter, [images[sid] for sid, _ in units], [t for _, t in units],
-                                    [units[(s.sample_id, t)] for (s, _), t in zip(chunk, texts)],
-                                    max_new_tokens(adapter, task, mode))
+                                    [units[key] for key in keys], max_new_tokens(adapter, task, mode))
         batch, cache = prefix.batch, prefix.cache
     else:
         batch = adapter.prepare([images[s.sample_id] for s, _ in chunk], texts)

@@ -132,6 +132,8 @@ def completeness_rows(keys: list[tuple[str, str]], attrs: list[tuple[np.ndarray,
 
 
 IG_COMPLETENESS_FILE = "ig_completeness.parquet"
+COMPLETENESS_COLUMNS = ["sample_id", "task", "steps", "f_x", "f_b", "attribution_sum", "gap", "relative_gap"]
+IG_STEPS_CHECK_FILE = "ig_steps_check.parquet"
 
 
 def _ig(ctx: Any) -> dict[tuple[str, str], np.ndarray]:
@@ -160,9 +162,6 @@ def _ig(ctx: Any) -> dict[tuple[str, str], np.ndarray]:
     return scores
 
 
-IG_STEPS_CHECK_FILE = "ig_steps_check.parquet"
-
-
 def ig_steps_check(adapter: VLMAdapter, samples: list[Sample], tasks: list[str], clean: pd.DataFrame, ig: Any,
                    mean: Any, full: dict[tuple[str, str], np.ndarray], full_completeness: pd.DataFrame) -> pd.DataFrame:
     """Per sample x task x step count (ig.check_steps, and ig.steps itself): the completeness gap and
@@ -178,8 +177,8 @@ def ig_steps_check(adapter: VLMAdapter, samples: list[Sample], tasks: list[str],
         if steps == int(ig.steps):
             scores = full
         else:
-            fewer = {"baseline": ig.baseline, "steps": steps, "batch_size": ig.batch_size, "rank_by": ig.rank_by}
-            scores = ig_scores(adapter, samples, tasks, clean, OmegaConf.create(fewer), mean, completeness)
+            scores = ig_scores(adapter, samples, tasks, clean, OmegaConf.merge(ig, {"steps": steps}), mean,
+                               completeness)
         gaps = {(r["sample_id"], r["task"]): r["relative_gap"] for r in completeness}
         for s in samples:
             lay, k = layouts[s.sample_id], ks[s.sample_id]
@@ -200,8 +199,6 @@ def steps_check_summary(check: pd.DataFrame) -> pd.DataFrame:
                  targets=("sample_id", "size"))
             .reset_index().round(3))
 
-
-COMPLETENESS_COLUMNS = ["sample_id", "task", "steps", "f_x", "f_b", "attribution_sum", "gap", "relative_gap"]
 
 
 def run_resources(ctx: Any) -> Resources:

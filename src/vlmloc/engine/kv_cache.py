@@ -48,21 +48,22 @@ class InPlaceLayer(DynamicLayer):
         filled = self.get_seq_length()
         end = filled + key_states.shape[-2]
         if not self._held() or end > self._buffers[0].shape[-2]:  # type: ignore[index]
-            self._rebuffer(key_states, value_states, filled, max(self.capacity, end, 2 * filled))
+            kept = (self.keys, self.values) if filled else (key_states, value_states)
+            self._rebuffer(*kept, filled, max(self.capacity, end, 2 * filled))
         k, v = self._buffers  # type: ignore[misc]
         k[:, :, filled:end] = key_states
         v[:, :, filled:end] = value_states
         self.keys, self.values = k[:, :, :end], v[:, :, :end]
         return self.keys, self.values
 
-    def _rebuffer(self, key_states: torch.Tensor, value_states: torch.Tensor, filled: int, size: int) -> None:
-        """New buffers of `size` positions holding the `filled` positions kept so far."""
-        b, h, _, d = key_states.shape
-        k = key_states.new_empty(b, h, size, d)
-        v = value_states.new_empty(b, value_states.shape[1], size, value_states.shape[-1])
+    def _rebuffer(self, keys: torch.Tensor, values: torch.Tensor, filled: int, size: int) -> None:
+        """New buffers of `size` positions, shaped as keys / values [batch, kv_heads, *, head_dim],
+        holding their first `filled` positions."""
+        k = keys.new_empty(keys.shape[0], keys.shape[1], size, keys.shape[3])
+        v = values.new_empty(values.shape[0], values.shape[1], size, values.shape[3])
         if filled:
-            k[:, :, :filled] = self.keys
-            v[:, :, :filled] = self.values
+            k[:, :, :filled] = keys[:, :, :filled]
+            v[:, :, :filled] = values[:, :, :filled]
         self._buffers = (k, v)
         self.keys, self.values = k[:, :, :filled], v[:, :, :filled]
 
@@ -90,10 +91,5 @@ def rows_in_place(cache: Any, index: torch.Tensor, capacity: int) -> Any:
         if not layer.is_initialized or k.numel() == 0:
             continue
         filled = k.shape[-2]
-        bk = k.new_empty(len(index), k.shape[1], max(capacity, filled), k.shape[3])
-        bv = v.new_empty(len(index), v.shape[1], max(capacity, filled), v.shape[3])
-        bk[:, :, :filled] = k[index]
-        bv[:, :, :filled] = v[index]
-        layer._buffers = (bk, bv)
-        layer.keys, layer.values = bk[:, :, :filled], bv[:, :, :filled]
+        layer._rebuffer(k[index], v[index], filled, max(capacity, filled))
     return cache
