@@ -8,6 +8,8 @@ run of the same command (`startup_s`: load and fixed costs; knockout: a third of
 its 77 rows per object fill much of a call), the time per unit ((wall - startup) / the units
 between the two runs), the paper-scale extrapolation (2,248 objects; 50 CMA pairs; 50k x 10
 epochs + 10k probe images) and the peak GPU memory (run.json `gpu_peak_memory_gb`).
+`--once` is the memory check: one run per experiment at its n, its wall time and peak GPU memory,
+or the error that ended it (the next experiment runs either way).
 
     PYTHONPATH=src python scripts/bench_paper.py --config-dir ../shared/real_configs/llava-1.5-7b-hf \\
         --out /tmp/bench [--experiments baseline,knockout] [--scale 0.5] [override ...]
@@ -75,6 +77,9 @@ def main() -> None:
     checkpoint_args(ap)
     ap.add_argument("--experiments", default=",".join(PLAN))
     ap.add_argument("--scale", type=float, default=1.0, help="multiply every experiment's n (e.g. 0.25 for a quick check)")
+    ap.add_argument("--once", action="store_true",
+                    help="the memory check: one run per experiment at its n (no startup run, no per-unit time); "
+                         "a run that fails (e.g. out of GPU memory) is reported and the next one goes on")
     ap.add_argument("overrides", nargs="*")
     a = ap.parse_args()
     a.checkpoint = checkpoint_path(a)
@@ -105,6 +110,10 @@ def main() -> None:
         args = [*common, *exp, *extra, *data]
         # the pairs' images are made once, untimed; other runs make their own scenes (equal cost)
         shared = pairs_data if unit == "pair" else None
+        if a.once:
+            rows.append(once(name, args + ([] if sizes is None else [f"data.n={sizes[1]}"]), a.out / name, env, shared))
+            print(json.dumps(rows[-1]), flush=True)
+            continue
         if sizes is None:  # probes: a run with 2 epochs and one with 1; the difference is one epoch
             one = run_info_of(args + ["experiment.probe.epochs=1"], a.out / f"{name}-1", env, shared)
             full = run_info_of(args, a.out / name, env, shared)
@@ -124,6 +133,13 @@ def main() -> None:
         rows.append(row)
         print(json.dumps(row), flush=True)
     print(json.dumps({"build_checkpoint_s": round(build_s, 1)}))
+    if a.once:
+        print("\n| experiment | wall time | peak GPU memory |\n|---|---:|---:|")
+        for r in rows:
+            wall = "failed" if r["wall_s"] is None else f"{r['wall_s']} s"
+            memory = r.get("failed") or f"{r['gpu_peak_gb']} GB"
+            print(f"| {r['experiment']} | {wall} | {memory} |")
+        return
     print("\n| experiment | unit | per unit | paper scale | peak GPU memory |\n|---|---|---:|---:|---:|")
     for r in rows:
         print(f"| {r['experiment']} | {r['unit']} | {r['per_unit_s']:.3f} s | {r['paper_scale_min']:.1f} min "
@@ -138,6 +154,20 @@ def dirs(out: Path, name: str, data_dir: Path | None = None) -> list[str]:
     and the per-unit time would come out too low (even negative at small n).
     """
     return [f"paths.cache_dir={out}/cache/{name}", f"paths.data_dir={data_dir or out / 'data' / name}"]
+
+
+def once(name: str, args: list[str], run_dir: Path, env: dict[str, str], data_dir: Path | None) -> dict:
+    """One run's wall time and peak GPU memory, or how it failed (its log's last line)."""
+    import subprocess
+
+    try:
+        info = run_info_of(args, run_dir, env, data_dir)
+    except subprocess.CalledProcessError:
+        lines = run_dir.with_suffix(".log").read_text().strip().splitlines()
+        errors = [line for line in lines if "Error" in line and "HYDRA_FULL_ERROR" not in line]
+        return {"experiment": name, "wall_s": None, "failed": (errors or lines or ["no output"])[-1][-200:]}
+    return {"experiment": name, "wall_s": round(float(info["wall_time_s"]), 1),
+            "gpu_peak_gb": info.get("gpu_peak_memory_gb")}
 
 
 def run_info_of(args: list[str], run_dir: Path, env: dict[str, str], data_dir: Path | None = None) -> dict:
