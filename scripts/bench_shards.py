@@ -15,7 +15,7 @@ JSON line.
 
 A folder with config.json alone (no tokenizer files), such as scripts/shapes/qwen2_5vl7b, gets the
 tokenizer and image processor of the model family's tiny build (`--model` names the model config;
-Qwen families only), the real model's pixel budget, and the special token ids of that tokenizer;
+Qwen and InternVL families), the real model's pixel budget, and the special token ids of that tokenizer;
 every shape, vocab_size included, stays the published one (`build_checkpoint`):
 
     PYTHONPATH=src python scripts/bench_shards.py --config-dir scripts/shapes/qwen2_5vl7b --model qwen2_5vl7b \\
@@ -43,11 +43,14 @@ import pandas as pd
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")  # as loading.check_weights
 # Config fields holding a special token id -> the token it names in the real Qwen vocabulary
 # (151655 <|image_pad|>, 151656 <|video_pad|>, 151652/151653 vision start/end, 151643 <|endoftext|>,
-# 151645 <|im_end|>); a checkpoint with the tiny tokenizer points each at that token's id there.
+# 151645 <|im_end|>; InternVL-3.5: 151671 <IMG_CONTEXT>, its Qwen3 LM the same text tokens); a
+# checkpoint with the tiny tokenizer points each at that token's id there.
 QWEN_ID_TOKENS = {"image_token_id": "<|image_pad|>", "video_token_id": "<|video_pad|>",
                   "vision_start_token_id": "<|vision_start|>", "vision_end_token_id": "<|vision_end|>"}
 QWEN_TEXT_ID_TOKENS = {"bos_token_id": "<|endoftext|>", "eos_token_id": "<|im_end|>", "pad_token_id": "<|endoftext|>"}
-TINY_FAMILIES = ("qwen2_5vl", "qwen3vl")
+# family -> (config fields, text_config fields): the families whose tiny tokenizer can stand in
+ID_TOKENS = {"qwen2_5vl": (QWEN_ID_TOKENS, QWEN_TEXT_ID_TOKENS), "qwen3vl": (QWEN_ID_TOKENS, QWEN_TEXT_ID_TOKENS),
+             "internvl": ({"image_token_id": "<IMG_CONTEXT>"}, QWEN_TEXT_ID_TOKENS)}
 
 
 def build_checkpoint(config_dir: Path, dest: Path, model: str | None = None) -> float:
@@ -74,15 +77,15 @@ def build_checkpoint(config_dir: Path, dest: Path, model: str | None = None) -> 
         if model is None:
             raise SystemExit(f"{config_dir} has no tokenizer files: name the model config (--model) whose "
                              "family's tiny tokenizer to use")
-        processing = tiny_processing(model)
-        set_special_ids(config, processing[0])
+        family, processing = tiny_processing(model)
+        tok = getattr(processing[0], "tokenizer", processing[0])
+        set_special_ids(config, tok, *ID_TOKENS[family])
     cls = getattr(transformers, config.architectures[0])
     torch.manual_seed(0)
     with torch.device("cuda" if torch.cuda.is_available() else "cpu"):
         net = cls._from_config(config, dtype=torch.bfloat16)
     if processing is not None:
-        tok = processing[0]
-        for name, token in QWEN_TEXT_ID_TOKENS.items():  # generate() reads these, not the config's
+        for name, token in ID_TOKENS[family][1].items():  # generate() reads these, not the config's
             setattr(net.generation_config, name, tok.convert_tokens_to_ids(token))
         answer_only_ordinary_tokens(net, tok)
     net.save_pretrained(dest)
@@ -131,9 +134,12 @@ def shape(config: object) -> dict[str, object]:
     return out
 
 
-def tiny_processing(model: str) -> tuple[object, object]:
-    """(tokenizer, image processor) of model config `model`'s family tiny build (`model=tiny_<family>`),
-    the image processor with `model`'s own pixel budget (model.min_pixels / max_pixels)."""
+def tiny_processing(model: str) -> tuple[str, tuple[object, ...]]:
+    """(family, processing parts to save) of model config `model`'s family tiny build (`model=tiny_<family>`).
+
+    Qwen-VL: (tokenizer, image processor), the image processor with `model`'s own pixel budget
+    (model.min_pixels / max_pixels). InternVL: the whole processor (its tiling bounds are call
+    arguments the adapter passes from `model`'s config, and the tiles are the real 448 px)."""
     from hydra import compose, initialize_config_dir
 
     from vlmloc.__main__ import config_dir
@@ -143,23 +149,27 @@ def tiny_processing(model: str) -> tuple[object, object]:
     with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
         real = compose("config", overrides=[f"model={model}"]).model
         family = str(real.family)
-        if family not in TINY_FAMILIES:
+        if family not in ID_TOKENS:
             raise SystemExit(f"model={model} is of family {family!r}: tiny tokenizers stand in for the "
-                             f"{TINY_FAMILIES} families only; pass a folder with the checkpoint's tokenizer files")
+                             f"{tuple(ID_TOKENS)} families only; pass a folder with the checkpoint's tokenizer files")
         tiny = compose("config", overrides=[f"model=tiny_{family}"]).model
     _, processor = build_tiny(family, tiny.tiny, tiny_corpus(tiny))
+    if family == "internvl":
+        return family, (processor,)
     ip = processor.image_processor
     # the tiny build caps the budget for CPU speed; the real model config holds the model card's defaults
     ip = type(ip).from_dict({**ip.to_dict(), "size": {"shortest_edge": int(real.min_pixels),
                                                       "longest_edge": int(real.max_pixels)}})
-    return processor.tokenizer, ip
+    return family, (processor.tokenizer, ip)
 
 
-def set_special_ids(config: object, tokenizer: object) -> None:
-    """Point the config's special token ids at `tokenizer`'s tokens of the same name; shapes unchanged."""
+def set_special_ids(config: object, tokenizer: object, config_tokens: dict[str, str],
+                    text_tokens: dict[str, str]) -> None:
+    """Point the config's (config_tokens) and its text config's (text_tokens) special token ids at
+    `tokenizer`'s tokens of the same name; shapes unchanged."""
     text = config.text_config  # type: ignore[attr-defined]
     vocab = int(text.vocab_size)
-    for target, table in ((config, QWEN_ID_TOKENS), (text, QWEN_TEXT_ID_TOKENS)):
+    for target, table in ((config, config_tokens), (text, text_tokens)):
         for name, token in table.items():
             i = tokenizer.convert_tokens_to_ids(token)  # type: ignore[attr-defined]
             back = tokenizer.convert_ids_to_tokens(i) if isinstance(i, int) else None  # type: ignore[attr-defined]

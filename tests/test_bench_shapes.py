@@ -1,4 +1,4 @@
-"""The benchmark's Qwen shape folders (scripts/shapes/) and the random checkpoint it builds from them.
+"""The benchmark's shape folders (Qwen, InternVL) (scripts/shapes/) and the random checkpoint it builds from them.
 
 The published dimensions are written here by hand, so a wrong transcription or a config class that
 reads a key differently fails. A 7B model cannot be built on a CPU: the checkpoint builder runs on a
@@ -140,3 +140,41 @@ def test_a_checkpoint_of_another_shape_is_not_reused(tmp_path):
     build_checkpoint(_shrunken("qwen2_5vl7b", tmp_path / "a"), ckpt, "qwen2_5vl7b")
     with pytest.raises(SystemExit, match="another shape"):
         build_checkpoint(_shrunken("qwen3vl8b", tmp_path / "b"), ckpt, "qwen3vl8b")
+
+
+def test_internvl_shape_without_tokenizer_loads_with_real_tiles_and_tiny_ids(tmp_path):
+    """InternVL-3.5-8B's derived shape: the published dimensions, and a shrunken copy's checkpoint
+    loads through model.path with the tiny tokenizer's ids, the real 448 px tiling, an untied head."""
+    from bench_shards import build_checkpoint
+
+    from vlmloc.models import load_adapter
+
+    cfg = transformers.AutoConfig.from_pretrained(SHAPES / "internvl3_5_8b")
+    text, vision = cfg.text_config, cfg.vision_config
+    assert (text.hidden_size, text.intermediate_size, text.num_hidden_layers, text.num_attention_heads,
+            text.num_key_value_heads, text.head_dim, text.vocab_size) == (4096, 12288, 36, 32, 8, 128, 151936)
+    assert (vision.hidden_size, vision.num_hidden_layers, vision.num_attention_heads, list(vision.image_size)) == (
+        1024, 24, 16, [448, 448])
+    assert (cfg.image_token_id, cfg.image_seq_length, cfg.downsample_ratio) == (151671, 256, 0.5)
+    assert cfg.tie_word_embeddings is False and text.tie_word_embeddings is False
+    raw = json.loads((SHAPES / "internvl3_5_8b" / "config.json").read_text())
+    raw["text_config"].update(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                              num_key_value_heads=2, head_dim=32)
+    raw["vision_config"].update(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2)
+    (tmp_path / "shape").mkdir()
+    (tmp_path / "shape" / "config.json").write_text(json.dumps(raw))
+    ckpt = tmp_path / "checkpoint"
+    assert build_checkpoint(tmp_path / "shape", ckpt, "internvl8b") > 0
+    ad = load_adapter(compose_cfg("model=internvl8b", f"model.path={ckpt}").model)
+    tok = ad.tokenizer
+    assert ad.image_token_id == tok.convert_tokens_to_ids("<IMG_CONTEXT>") < len(tok)
+    assert ad.text_config.eos_token_id == tok.convert_tokens_to_ids("<|im_end|>")
+    assert ad.text_config.vocab_size == 151936
+    head, embed = ad.model.get_output_embeddings().weight, ad.model.get_input_embeddings().weight
+    assert head.data_ptr() != embed.data_ptr()  # untied, as the real checkpoint: its memory counts
+    batch = ad.prepare([noise_image(640, 480)], [ad.prompt("localization", "cat")])
+    # COCO's usual 640 x 480 is 4:3: a 4 x 3 grid of 448 px tiles plus the thumbnail, 256 tokens each
+    n = int((batch.inputs["input_ids"][0] == ad.image_token_id).sum())
+    assert n == (4 * 3 + 1) * 256 == ad.n_visual_tokens(640, 480) == batch.layouts[0].n_visual
+    out = ad.model.generate(**batch.inputs, max_new_tokens=8, do_sample=False)[0, batch.seq_len:]
+    assert len(out) == 8 and int(out.max()) < len(tok) and not set(out.tolist()) & set(tok.added_tokens_decoder)
