@@ -63,3 +63,22 @@ def test_unreachable_hub_id_fails_fast_with_instructions(monkeypatch):
     cfg = compose_cfg("model=llava7b", "model.path=no-such-org/no-such-model").model
     with pytest.raises(ModelLoadError, match="cannot read the model config.*hf download no-such-org/no-such-model.*model.path=/models/llava7b"):
         load_adapter(cfg)
+
+
+def test_sdpa_off_sets_the_process_kernel_flags_and_rejects_unknown_names():
+    from vlmloc.models.loading import ModelLoadError, set_sdpa_kernels
+
+    flags = {"flash": torch.backends.cuda.flash_sdp_enabled, "efficient": torch.backends.cuda.mem_efficient_sdp_enabled,
+             "cudnn": torch.backends.cuda.cudnn_sdp_enabled, "math": torch.backends.cuda.math_sdp_enabled}
+    try:
+        set_sdpa_kernels(["cudnn"])
+        assert {k: f() for k, f in flags.items()} == {"flash": True, "efficient": True, "cudnn": False, "math": True}
+        set_sdpa_kernels(["flash", "efficient"])
+        assert {k: f() for k, f in flags.items()} == {"flash": False, "efficient": False, "cudnn": True, "math": True}
+        with pytest.raises(ModelLoadError, match="unknown kernels"):
+            set_sdpa_kernels(["cudnn", "triton"])
+        with pytest.raises(ModelLoadError, match="every attention kernel"):
+            set_sdpa_kernels(list(flags))
+    finally:
+        set_sdpa_kernels([])
+    assert all(f() for f in flags.values())

@@ -26,7 +26,7 @@ from vlmloc.models.layout import VisualLayout
 TASKS = ("classification", "localization")
 # model.* keys a loaded model was built with; the others are read from the config on every call
 LOADED_WITH = ("name", "family", "path", "revision", "dtype", "device", "device_map", "attn_implementation",
-               "fused_rms_norm", "tiny")
+               "fused_rms_norm", "sdpa_off", "tiny")
 CLASSIFICATION_MODES = ("list", "yes_no", "open")
 Box = tuple[float, float, float, float]
 

@@ -148,9 +148,26 @@ def tiny_corpus(cfg: DictConfig) -> list[str]:
     return texts * 4
 
 
+SDPA_KERNELS = {"flash": torch.backends.cuda.enable_flash_sdp, "efficient": torch.backends.cuda.enable_mem_efficient_sdp,
+                "cudnn": torch.backends.cuda.enable_cudnn_sdp, "math": torch.backends.cuda.enable_math_sdp}
+
+
+def set_sdpa_kernels(off: Sequence[str]) -> None:
+    """Let torch's scaled_dot_product_attention pick only the CUDA kernels not named in `off`
+    (`model.sdpa_off`; process-wide flags, no effect on a CPU)."""
+    unknown = sorted(set(off) - set(SDPA_KERNELS))
+    if unknown:
+        raise ModelLoadError(f"model.sdpa_off names unknown kernels {unknown}: choose from {sorted(SDPA_KERNELS)}")
+    if set(SDPA_KERNELS) <= set(off):
+        raise ModelLoadError("model.sdpa_off turns off every attention kernel: leave at least one (math runs anywhere)")
+    for name, enable in SDPA_KERNELS.items():
+        enable(name not in off)
+
+
 def load_adapter(cfg: DictConfig) -> VLMAdapter:
     """Build the family adapter for `cfg` (the `model` config group)."""
     warn_if_untested()
+    set_sdpa_kernels([str(k) for k in cfg.sdpa_off])
     family = family_facts(str(cfg.family)).name
     device = resolve_device(str(cfg.device))
     dtype = resolve_dtype(str(cfg.dtype), device)
