@@ -96,6 +96,10 @@ def build_checkpoint(config_dir: Path, dest: Path, model: str | None = None) -> 
         for f in config_dir.iterdir():
             if f.is_file() and not (dest / f.name).exists():
                 shutil.copy(f, dest / f.name)
+    # the benchmarked runs are other processes: give them this one's GPU memory (the 8B build held 16.6 GB)
+    del net
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
     return time.perf_counter() - t0
 
 

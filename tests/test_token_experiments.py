@@ -197,6 +197,47 @@ def test_integrated_gradients_batched_across_targets_equal_each_target_alone(fam
         assert np.array_equal(p_attr, m_attr) and np.isnan(p_fx)
 
 
+def test_integrated_gradients_split_a_pass_that_runs_out_of_memory_and_keep_the_result(tiny_llava, monkeypatch, caplog):
+    """A pass of more than 2 path points raises CUDA's out-of-memory error (as InternVL-8B's 3.3k-token
+    prompts at 8 points did on an H200): the points are retried in halves, later passes keep 2, the
+    retry is logged, and every target's attribution equals a plain run at 2 points per pass."""
+    import logging
+
+    import numpy as np
+    import torch
+
+    from conftest import noise_image
+    from vlmloc.engine import attribution
+    from vlmloc.engine.attribution import Target, integrated_gradients_batch
+
+    ad = tiny_llava
+    targets = [Target(noise_image(448, 448, 1), ad.prompt("classification", "cat"), None),
+               Target(noise_image(900, 300, 2), ad.prompt("localization", "dog"), " [0.12, 0.30, 0.55, 0.80]")]
+    want = integrated_gradients_batch(ad, targets, steps=6, batch_size=2)
+    real, sizes = attribution._path_gradients, []
+
+    def tight(adapter, chunk, *args):
+        sizes.append(len(chunk))
+        if len(chunk) > 2:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory (test)")
+        return real(adapter, chunk, *args)
+
+    monkeypatch.setattr(attribution, "_path_gradients", tight)
+    with caplog.at_level(logging.WARNING, logger="vlmloc.engine"):
+        got = integrated_gradients_batch(ad, targets, steps=6, batch_size=8)
+    assert sizes == [8, 4, 2, 2, 2, 2, 2, 2]  # 12 points: 8 fails, its halves of 4 fail, then passes of 2
+    assert sum("out of GPU memory on 8 path points" in r.message for r in caplog.records) == 1
+    for (g, _, _), (w, _, _) in zip(got, want):
+        np.testing.assert_allclose(g, w, rtol=0, atol=1e-5 * float(np.abs(w).max()))
+
+    def never(adapter, chunk, *args):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory (test)")
+
+    monkeypatch.setattr(attribution, "_path_gradients", never)
+    with pytest.raises(torch.cuda.OutOfMemoryError):  # one point that does not fit is the caller's error
+        integrated_gradients_batch(ad, targets[:1], steps=2, batch_size=2)
+
+
 @pytest.mark.parametrize("family", ["tiny_llava", "tiny_internvl"])
 def test_vision_once_per_image_gives_the_outputs_of_every_row_encoded(family, request):
     """A batch with repeated images (InternVL: repeated tiles of several images) under

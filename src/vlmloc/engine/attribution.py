@@ -21,6 +21,7 @@ them; a pass holding a single target is exactly the unbatched computation.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -33,6 +34,7 @@ from vlmloc.engine.hooks import Call, Hooks
 from vlmloc.engine.readout import answer_logprobs, yes_no_margin
 from vlmloc.models.adapter import VLMAdapter
 
+log = logging.getLogger("vlmloc.engine")
 
 @dataclass(frozen=True)
 class Target:
@@ -164,7 +166,9 @@ def integrated_gradients_batch(
     """Per target: attribution per visual token [n_visual] (layout order), f(x) and f(baseline).
 
     Path points of all targets share passes of `batch_size` rows (module docstring); a target's
-    clean run is computed when its first point enters a pass and dropped after its last one.
+    clean run is computed when its first point enters a pass and dropped after its last one. A pass
+    that runs out of GPU memory is split in two and retried, and later passes keep the smaller size
+    (logged): the gradients are summed point by point, so the split changes nothing but rounding.
     endpoints: also evaluate f(x) and f(b) (one extra forward per target), else both are NaN.
     baseline: [hidden] vector for every visual token (None = zeros).
     """
@@ -186,7 +190,9 @@ def integrated_gradients_batch(
         del clean[t]
         results[t] = (attribution.cpu().numpy(), float(f_x), float(f_b))
 
-    for chunk in tqdm(chunks, desc=f"integrated gradients ({steps} steps)", disable=not progress):
+    bar = tqdm(total=len(points), desc=f"integrated gradients ({steps} steps)", disable=not progress)
+    while chunks:
+        chunk = chunks.pop(0)
         order = list(dict.fromkeys(t for t, _ in chunk))
         for t in order:
             if t not in clean:
@@ -194,21 +200,45 @@ def integrated_gradients_batch(
                 x = clean[t].embeds[clean[t].positions].float()
                 b = torch.zeros_like(x) if baseline is None else baseline.to(x.device).float().expand_as(x)
                 ends[t], grad_sum[t] = (x, b), torch.zeros_like(x)
-        leaves = []
-        for t in order:
-            x, b = ends[t]
-            a = alphas[[j for u, j in chunk if u == t]].to(x.device).view(-1, 1, 1)
-            leaves.append((b + a * (x - b)).detach().requires_grad_(True))
-        with torch.enable_grad():
-            fs = _forward(adapter, [(clean[t], rows) for t, rows in zip(order, leaves)])
-            grads = torch.autograd.grad(torch.cat(fs).sum(), leaves)
+        try:
+            grads = _path_gradients(adapter, chunk, order, clean, ends, alphas)
+        except torch.cuda.OutOfMemoryError:
+            if len(chunk) == 1:
+                raise
+            grads = None
+        if grads is None:  # outside the except block: the failed pass's tensors are released by now
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            size = len(chunk) // 2
+            rest = [point for c in chunks for point in c]
+            log.warning("integrated gradients: out of GPU memory on %d path points per pass; retrying with %d "
+                        "(set experiment.integrated_gradients.batch_size lower to avoid the retry)", len(chunk), size)
+            chunks = [chunk[:size], chunk[size:]] + [rest[i : i + size] for i in range(0, len(rest), size)]
+            continue
         for t, grad in zip(order, grads):
             grad_sum[t] += grad.float().sum(0)
             if (t, steps - 1) in chunk:
                 finish(t)
+        bar.update(len(chunk))
+    bar.close()
     # every target's last point lies in some pass, so each is finished; a missing one fails here,
     # never a shorter list that would misalign the caller's targets
     return [results[t] for t in range(len(targets))]
+
+
+def _path_gradients(adapter: VLMAdapter, chunk: Sequence[tuple[int, int]], order: Sequence[int],
+                    clean: dict[int, _Clean], ends: dict[int, tuple[torch.Tensor, torch.Tensor]],
+                    alphas: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """One forward/backward pass over the path points `chunk` ((target, alpha index) pairs) -> per
+    target of `order` the gradients [k, n_visual, hidden] of f at its k points."""
+    leaves = []
+    for t in order:
+        x, b = ends[t]
+        a = alphas[[j for u, j in chunk if u == t]].to(x.device).view(-1, 1, 1)
+        leaves.append((b + a * (x - b)).detach().requires_grad_(True))
+    with torch.enable_grad():
+        fs = _forward(adapter, [(clean[t], rows) for t, rows in zip(order, leaves)])
+        return torch.autograd.grad(torch.cat(fs).sum(), leaves)
 
 
 def integrated_gradients(
