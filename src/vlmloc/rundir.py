@@ -36,6 +36,8 @@ LOCK_FILE = "run.lock"
 # Top-level keys, or dotted paths, that never change a run's numbers.
 NOT_IN_FINGERPRINT = ("hydra", "paths", "run_name", "batch_size", "batch_tokens", "share_image_prefix", "results", "shard.index", "shard.merge_only",
                       "experiment.num_workers",
+                      # which attention kernels a GPU may use: the same attention to rounding
+                      "model.sdpa_off",
                       # the robustness check's catalogue and choice: each wording runs in its own directory,
                       # whose config records the wording it asked (vlmloc.paraphrases)
                       "experiment.paraphrases", "model.prompts.paraphrases")
