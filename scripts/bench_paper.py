@@ -37,6 +37,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -157,9 +158,7 @@ def dirs(out: Path, name: str, data_dir: Path | None = None) -> list[str]:
 
 
 def once(name: str, args: list[str], run_dir: Path, env: dict[str, str], data_dir: Path | None) -> dict:
-    """One run's wall time and peak GPU memory, or how it failed (its log's last line)."""
-    import subprocess
-
+    """One run's wall time and peak GPU memory, or how it failed (its log's last error line)."""
     try:
         info = run_info_of(args, run_dir, env, data_dir)
     except subprocess.CalledProcessError:

@@ -141,9 +141,10 @@ def shape(config: object) -> dict[str, object]:
 def tiny_processing(model: str) -> tuple[str, tuple[object, ...]]:
     """(family, processing parts to save) of model config `model`'s family tiny build (`model=tiny_<family>`).
 
-    Qwen-VL: (tokenizer, image processor), the image processor with `model`'s own pixel budget
-    (model.min_pixels / max_pixels). InternVL: the whole processor (its tiling bounds are call
-    arguments the adapter passes from `model`'s config, and the tiles are the real 448 px)."""
+    A model config with a pixel budget (Qwen-VL: model.min_pixels / max_pixels): (tokenizer, image
+    processor), the image processor with that budget. Without one (InternVL, whose tiling bounds
+    are call arguments the adapter passes from `model`'s config, on the real 448 px tiles): the
+    whole processor."""
     from hydra import compose, initialize_config_dir
 
     from vlmloc.__main__ import config_dir
@@ -158,7 +159,7 @@ def tiny_processing(model: str) -> tuple[str, tuple[object, ...]]:
                              f"{tuple(ID_TOKENS)} families only; pass a folder with the checkpoint's tokenizer files")
         tiny = compose("config", overrides=[f"model=tiny_{family}"]).model
     _, processor = build_tiny(family, tiny.tiny, tiny_corpus(tiny))
-    if family == "internvl":
+    if real.get("min_pixels") is None:
         return family, (processor,)
     ip = processor.image_processor
     # the tiny build caps the budget for CPU speed; the real model config holds the model card's defaults

@@ -36,6 +36,7 @@ from vlmloc.models.adapter import VLMAdapter
 
 log = logging.getLogger("vlmloc.engine")
 
+
 @dataclass(frozen=True)
 class Target:
     """What one attribution explains: `answer` teacher-forced after `prompt` (None: the yes/no margin).
