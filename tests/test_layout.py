@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -146,3 +148,28 @@ def test_object_tokens_on_layout(tiny_internvl, tiny_llava):
     lsel = lb.layouts[0].object_tokens(mask).reshape(24, 24)
     assert np.array_equal(np.nonzero(lsel.any(1))[0], np.arange(10, 14))
     assert np.array_equal(np.nonzero(lsel.any(0))[0], np.arange(0, 8))
+
+
+def test_object_tokens_of_a_sample_are_cached_per_segmentation_and_pad(tiny_llava):
+    """The cached selection equals the layout's own on the decoded mask; a sample with the same ids
+    but another segmentation, or another pad, is not served the cached masks."""
+    from vlmloc.data.sample import Sample
+    from vlmloc.selection import object_positions, object_tokens
+
+    def sample(poly: list[float]) -> Sample:
+        return Sample("s0", 1, 1, Path("img.png"), 900, 300, "x", 1, (0, 0, 1, 1), [poly])
+
+    left = sample([0, 100, 300, 100, 300, 200, 0, 200])  # the left third, rows 100..199
+    right = sample([600, 100, 900, 100, 900, 200, 600, 200])
+    lay = tiny_llava.prepare([noise_image(900, 300)], [tiny_llava.prompt("classification", "x")]).layouts[0]
+    mask = np.zeros((300, 900), bool)
+    mask[100:200, 0:300] = True
+    for pad in (0, 1, 0):
+        assert np.array_equal(object_tokens(lay, left, pad), lay.object_tokens(mask, pad))
+    hand = np.zeros((300, 900), bool)
+    hand[100:200, 600:900] = True
+    assert np.array_equal(object_tokens(lay, right), lay.object_tokens(hand))
+    assert not object_tokens(lay, left)[object_tokens(lay, right)].any()
+    assert np.array_equal(object_positions(lay, left), lay.positions[lay.object_tokens(mask)])
+    whole = object_tokens(lay, left, whole_image=True).reshape(24, 24)  # image rows 300..599 of the 900 square
+    assert np.array_equal(np.nonzero(whole.any(1))[0], np.arange(8, 16))

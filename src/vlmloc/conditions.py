@@ -30,7 +30,7 @@ from vlmloc.engine.knockout import Knockout, post_image_queries
 from vlmloc.engine.token_edits import TokenEdit
 from vlmloc.models.layout import VisualLayout
 from vlmloc.seeds import row_rng
-from vlmloc.selection import RANDOM_FROM, object_positions, random_positions, top_k_positions
+from vlmloc.selection import RANDOM_FROM, object_positions, object_tokens, random_positions, top_k_positions
 
 Head = tuple[int, int]  # (layer, head)
 ABLATIONS = ("mean", "zero")
@@ -277,9 +277,8 @@ def _extension(iv: Extend, sample: Sample, layout: VisualLayout) -> list[TokenEd
     """One copy edit per view, views in sorted name order (the draws depend only on the rng); a view
     without object tokens (e.g. an object outside LLaVA's centre crop) gets no ring."""
     rng = row_rng(iv.seed, sample.sample_id, *iv.stream)
-    mask = sample.mask()
-    obj = layout.object_tokens(mask, 0)
-    ring = layout.object_tokens(mask, iv.pad) & ~obj
+    obj = object_tokens(layout, sample, 0)
+    ring = object_tokens(layout, sample, iv.pad) & ~obj
     edits = []
     for view in sorted(layout.grids):
         in_view = layout.in_view(view)

@@ -223,7 +223,8 @@ def _run_rows(adapter: VLMAdapter, items: Sequence[tuple[Sample, Condition]], id
     """The rows of items[idx]: one forward pass or generate call with each row's interventions
     (shared: after one clean computation of each sample's image prefix)."""
     chunk = [items[i] for i in idx]
-    images = {s.sample_id: s.load_image() for s, _ in chunk}
+    # each distinct image once: a call holds one sample under many conditions
+    images = {s.sample_id: s.load_image() for s in {s.sample_id: s for s, _ in chunk}.values()}
     texts = [adapter.prompt(task, s.category, mode) for s, _ in chunk]
     cache = None
     if shared:

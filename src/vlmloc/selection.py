@@ -6,16 +6,40 @@ row's VisualLayout, so they are valid with left padding and across InternVL tile
 
 from __future__ import annotations
 
+from collections import OrderedDict
+from typing import Any
 
 import numpy as np
 
 from vlmloc.data.sample import Sample
 from vlmloc.models.layout import VisualLayout
 
+# (sample, its segmentation, the layout's grids, pad) -> per view token masks. One sample's rows
+# under many conditions (77 in experiment=knockout) share its layout's grids; without the cache
+# each row decodes the segmentation and builds a summed-area table of the whole image again.
+_VIEW_MASKS: OrderedDict[tuple[Any, ...], dict[str, np.ndarray]] = OrderedDict()
+_VIEW_MASKS_MAX = 4096
+
+
+def object_tokens(layout: VisualLayout, sample: Sample, pad: int = 0, *, whole_image: bool = False) -> np.ndarray:
+    """bool [n_visual]: the layout's tokens covering the sample's object (whole_image: any pixel of
+    its image), grown/shrunk by `pad` rings; `VisualLayout.object_tokens` of the sample's mask."""
+    key = (sample.sample_id, sample.image_id, sample.ann_id, str(sample.image_path), sample.width, sample.height,
+           None if whole_image else repr(sample.segmentation), tuple(sorted(layout.grids.items())), int(pad))
+    masks = _VIEW_MASKS.get(key)
+    if masks is None:
+        pixels = np.ones((sample.height, sample.width), dtype=bool) if whole_image else sample.mask()
+        masks = _VIEW_MASKS[key] = layout.view_token_masks(pixels, pad)
+        if len(_VIEW_MASKS) > _VIEW_MASKS_MAX:
+            _VIEW_MASKS.popitem(last=False)
+    else:
+        _VIEW_MASKS.move_to_end(key)
+    return layout.tokens_of(masks)
+
 
 def object_positions(layout: VisualLayout, sample: Sample, pad: int = 0, view: str | None = None) -> np.ndarray:
     """Positions of the object's tokens (any-pixel overlap), grown/shrunk by `pad` rings, optionally one view."""
-    selected = layout.object_tokens(sample.mask(), pad)
+    selected = object_tokens(layout, sample, pad)
     if view is not None:
         selected &= layout.in_view(view)
     return layout.positions[selected]
@@ -37,7 +61,7 @@ def random_positions(
     if among == "image":
         if sample is None:
             raise ValueError("random tokens from the image area need the sample")
-        pool = pool[layout.object_tokens(np.ones((sample.height, sample.width), dtype=bool), 0)]
+        pool = pool[object_tokens(layout, sample, whole_image=True)]
     count = min(int(count), len(pool))
     return np.sort(rng.choice(pool, size=count, replace=False))
 

@@ -61,8 +61,12 @@ class VisualLayout:
 
     def object_tokens(self, mask: np.ndarray, pad: int = 0) -> np.ndarray:
         """bool [n_visual]: tokens covering the object (any-pixel overlap), grown/shrunk by `pad` rings."""
+        return self.tokens_of(self.view_token_masks(mask, pad))
+
+    def tokens_of(self, view_masks: dict[str, np.ndarray]) -> np.ndarray:
+        """Per view token masks bool [canvas_rows, canvas_cols] (`view_token_masks`) -> bool [n_visual]."""
         selected = np.zeros(self.n_visual, dtype=bool)
-        for name, token_mask in self.view_token_masks(mask, pad).items():
+        for name, token_mask in view_masks.items():
             in_view = self.view == name
             selected[in_view] = token_mask[self.canvas_row[in_view], self.canvas_col[in_view]]
         return selected
