@@ -42,10 +42,10 @@ def test_the_installed_release_is_read_from_its_metadata():
 
 def test_pyproject_allows_exactly_the_tested_range():
     spec = _requirements()["transformers"].specifier
-    assert {str(s) for s in spec} == {f">={LOW}", "<5.25"}
-    for version in (LOW, HIGH, "5.20.0", "5.24.3"):
+    assert {str(s) for s in spec} == {f">={LOW}", "<5.26"}
+    for version in (LOW, HIGH, "5.20.0", "5.25.3"):
         assert version in spec and compat.is_tested(version)
-    for version in ("5.16.1", "5.25.0", "6.0.0"):
+    for version in ("5.16.1", "5.26.0", "6.0.0"):
         assert version not in spec and not compat.is_tested(version)
 
 
@@ -63,13 +63,13 @@ def test_warning_outside_the_tested_range_names_it_once(monkeypatch):
     monkeypatch.setattr(compat, "_warned", set())
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # no warning inside the range
-        assert not compat.warn_if_untested(LOW) and not compat.warn_if_untested("5.24.1")
-    for version in ("5.16.1", "5.25.0"):
+        assert not compat.warn_if_untested(LOW) and not compat.warn_if_untested("5.25.1")
+    for version in ("5.16.1", "5.26.0"):
         with pytest.warns(compat.UntestedTransformersWarning, match=rf"transformers {version} .*tested on {LOW} to {HIGH}"):
             assert compat.warn_if_untested(version)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        assert compat.warn_if_untested("5.25.0")  # once per version
+        assert compat.warn_if_untested("5.26.0")  # once per version
 
 
 def test_model_load_warns_on_an_untested_transformers(monkeypatch, tmp_path):

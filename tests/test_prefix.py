@@ -70,7 +70,7 @@ def test_shared_prefix_generation_equals_full_recomputation(family):
             want = generate(ad, full, new)
             want_lp = next_token_logprobs(ad, full)
         n_full = len(seen)
-        shared = share_image_prefix(ad, images, texts, unit_of_row, new)
+        shared = share_image_prefix(ad, ad.encode(images, texts), unit_of_row, new)
         buffer = shared.cache.layers[0]._buffers[0]
         with knockout(ad, _specs(shared.batch, new)):
             got = generate(ad, shared.batch, new, shared.cache)
@@ -83,7 +83,7 @@ def test_shared_prefix_generation_equals_full_recomputation(family):
     assert shared.split == int(full.layouts[0].positions.max()) + 1 - int((full.inputs["attention_mask"][0] == 0).sum())
     assert got == want
     assert len(set(want)) > 1  # the knockouts change answers: the comparison can fail
-    again = share_image_prefix(ad, images, texts, unit_of_row)  # a cache is consumed by its call
+    again = share_image_prefix(ad, ad.prepare(images, texts), unit_of_row)  # a cache is consumed by its call
     with knockout(ad, _specs(again.batch, new)):
         got_lp = next_token_logprobs(ad, again.batch, again.cache)
     assert (got_lp - want_lp).abs().max() < 1e-4
@@ -106,7 +106,7 @@ def test_evaluate_with_a_shared_prefix_equals_every_row_in_full(family, mode, tm
     real = evaluation.share_image_prefix
 
     def counted(*args, **kwargs):
-        calls.append(len(args[3]))
+        calls.append(len(args[2]))
         return real(*args, **kwargs)
 
     tasks = ["classification", "localization"]

@@ -36,8 +36,9 @@ def check_root_config(cfg: DictConfig) -> None:
     bt = cfg.get("batch_tokens")
     if bt is not None and (isinstance(bt, bool) or not isinstance(bt, int) or bt < 1):
         raise ConfigError(f"batch_tokens must be an integer >= 1 or null (= batch_size alone), got {bt!r}")
-    if not isinstance(cfg.get("share_image_prefix", False), bool):
-        raise ConfigError(f"share_image_prefix must be true or false, got {cfg.get('share_image_prefix')!r}")
+    for key in ("share_image_prefix", "prefetch"):
+        if not isinstance(cfg.get(key, False), bool):
+            raise ConfigError(f"{key} must be true or false, got {cfg.get(key)!r}")
     n = cfg.get("data", {}).get("n")
     if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 1):
         raise ConfigError(f"data.n must be an integer >= 1 or null (= every sample), got {n!r}")

@@ -23,6 +23,7 @@ import logging
 import math
 import time
 from collections.abc import Callable, Collection, Iterator, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import pandas as pd
@@ -40,6 +41,7 @@ from vlmloc.engine.readout import generate, next_token_logprobs, yes_probability
 from vlmloc.engine.shared_images import vision_once_per_image
 from vlmloc.engine.token_edits import TokenEdit, edit_lm_input
 from vlmloc.models.adapter import PreparedBatch, VLMAdapter
+from vlmloc.prefetch import Ahead
 
 log = logging.getLogger("vlmloc.evaluation")
 IOU_THRESHOLDS = (0.5, 0.7, 0.9)
@@ -134,6 +136,7 @@ def evaluate(
     classification_mode: str | None = None,
     batch_tokens: int | None = None,
     share_prefix: bool = False,
+    prefetch: bool = False,
 ) -> pd.DataFrame:
     """One row per sample x task x condition measured on the task (results schema), minus keys in `skip`.
 
@@ -156,6 +159,10 @@ def evaluate(
     knockouts of queries after the image), the rows of one sample share one computation of the
     image prefix's keys and values (`engine.prefix.share_image_prefix`); a call then holds rows
     with as many visual tokens.
+
+    prefetch: while the model runs a call, a worker thread loads and processes the next call's
+    images and prompts (`vlmloc.prefetch`, on the adapter's `thread_copy`); the same inputs, made
+    earlier. False: each call's inputs are made when it starts.
 
     Rows of different conditions share batches: one forward pass carries many conditions.
     Row order: task, then sample, then condition, as given. Extra columns: n_visual, n_edited,
@@ -186,28 +193,31 @@ def evaluate(
                   and all(c.keeps_image_prefix for c in task_conditions))
         group = [adapter.n_visual_tokens(s.width, s.height) for s, _ in items] if shared else None
         bar = tqdm(total=len(order), desc=task, disable=not progress, leave=False)
-        tokens, queue = batch_tokens, list(_batches(order, batch_size, cost, batch_tokens, group))
-        while queue:
-            idx = queue.pop(0)
-            try:
-                rows.update(_run_rows(adapter, items, idx, task, mode, named, with_knockout, with_heads, shared))
-            except torch.cuda.OutOfMemoryError:
-                if len(idx) == 1:
-                    raise
-                torch.cuda.empty_cache()
-                size = len(idx) // 2
-                rest = [i for b in queue for i in b]
-                log.warning("%s: out of GPU memory on %d rows; retrying them in halves and running the rest of the "
-                            "task %d rows per call (set batch_size or batch_tokens lower to avoid the retry)",
-                            task, len(idx), size)
-                tokens = None if tokens is None else max(1, tokens * size // len(idx))
-                queue = [idx[:size], idx[size:]] + list(_batches(rest, size, cost, tokens, group))
-                continue
-            bar.update(len(idx))
-            unsent += list(idx)
-            if sink is not None and time.monotonic() - last_flush >= flush_seconds:
-                sink(pd.DataFrame([rows[i] for i in sorted(unsent)]))
-                unsent, last_flush = [], time.monotonic()
+        tokens, queue = batch_tokens, [tuple(b) for b in _batches(order, batch_size, cost, batch_tokens, group)]
+        host = adapter.thread_copy() if prefetch else adapter
+        with Ahead(lambda idx: _encode_rows(host, items, idx, task, mode, shared), enabled=prefetch) as ahead:
+            while queue:
+                idx = queue.pop(0)
+                call = ahead.get(idx, then=queue[0] if queue else None)
+                try:
+                    rows.update(_run_rows(adapter, items, idx, call, task, mode, named, with_knockout, with_heads))
+                except torch.cuda.OutOfMemoryError:
+                    if len(idx) == 1:
+                        raise
+                    torch.cuda.empty_cache()
+                    size = len(idx) // 2
+                    rest = [i for b in queue for i in b]
+                    log.warning("%s: out of GPU memory on %d rows; retrying them in halves and running the rest of "
+                                "the task %d rows per call (set batch_size or batch_tokens lower to avoid the retry)",
+                                task, len(idx), size)
+                    tokens = None if tokens is None else max(1, tokens * size // len(idx))
+                    queue = [idx[:size], idx[size:]] + [tuple(b) for b in _batches(rest, size, cost, tokens, group)]
+                    continue
+                bar.update(len(idx))
+                unsent += list(idx)
+                if sink is not None and time.monotonic() - last_flush >= flush_seconds:
+                    sink(pd.DataFrame([rows[i] for i in sorted(unsent)]))
+                    unsent, last_flush = [], time.monotonic()
         bar.close()
         log.info("%s: %d rows (%d conditions) in %.1f s", task, len(items), len({c.name for _, c in items}),
                  time.monotonic() - t0)
@@ -217,24 +227,43 @@ def evaluate(
     return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
 
 
-def _run_rows(adapter: VLMAdapter, items: Sequence[tuple[Sample, Condition]], idx: Sequence[int], task: str,
-              mode: str | None, named: Resources, with_knockout: bool, with_heads: bool,
-              shared: bool = False) -> dict[int, dict[str, Any]]:
-    """The rows of items[idx]: one forward pass or generate call with each row's interventions
-    (shared: after one clean computation of each sample's image prefix)."""
+@dataclass
+class HostCall:
+    """A call's inputs made on the host (`_encode_rows`), before the call: `batch` holds its rows or,
+    with `unit_of_row`, its distinct units (image and prompt) for a shared prefix, row r being unit
+    unit_of_row[r]."""
+
+    batch: PreparedBatch
+    unit_of_row: list[int] | None = None
+
+
+def _encode_rows(adapter: VLMAdapter, items: Sequence[tuple[Sample, Condition]], idx: Sequence[int], task: str,
+                 mode: str | None, shared: bool) -> HostCall:
+    """The host's work for the rows items[idx]: each distinct image loaded once (a call holds one
+    sample under many conditions), prompts, the processor (`VLMAdapter.encode`)."""
     chunk = [items[i] for i in idx]
-    # each distinct image once: a call holds one sample under many conditions
     images = {s.sample_id: s.load_image() for s in {s.sample_id: s for s, _ in chunk}.values()}
     texts = [adapter.prompt(task, s.category, mode) for s, _ in chunk]
+    if not shared:
+        return HostCall(adapter.encode([images[s.sample_id] for s, _ in chunk], texts))
+    keys = [(s.sample_id, t) for (s, _), t in zip(chunk, texts)]
+    units = {key: u for u, key in enumerate(dict.fromkeys(keys))}  # distinct (image, prompt), in order
+    return HostCall(adapter.encode([images[sid] for sid, _ in units], [t for _, t in units]),
+                    [units[key] for key in keys])
+
+
+def _run_rows(adapter: VLMAdapter, items: Sequence[tuple[Sample, Condition]], idx: Sequence[int], host: HostCall,
+              task: str, mode: str | None, named: Resources, with_knockout: bool, with_heads: bool
+              ) -> dict[int, dict[str, Any]]:
+    """The rows of items[idx]: one forward pass or generate call with each row's interventions
+    (with `host.unit_of_row`: after one clean computation of each unit's image prefix)."""
+    chunk = [items[i] for i in idx]
     cache = None
-    if shared:
-        keys = [(s.sample_id, t) for (s, _), t in zip(chunk, texts)]
-        units = {key: u for u, key in enumerate(dict.fromkeys(keys))}  # distinct (image, prompt), in order
-        prefix = share_image_prefix(adapter, [images[sid] for sid, _ in units], [t for _, t in units],
-                                    [units[key] for key in keys], max_new_tokens(adapter, task, mode))
+    if host.unit_of_row is not None:
+        prefix = share_image_prefix(adapter, host.batch, host.unit_of_row, max_new_tokens(adapter, task, mode))
         batch, cache = prefix.batch, prefix.cache
     else:
-        batch = adapter.prepare([images[s.sample_id] for s, _ in chunk], texts)
+        batch = host.batch.to(adapter.device)
     realized = [realize(c, s, lay, task, batch.seq_len, named) for (s, c), lay in zip(chunk, batch.layouts)]
     edits = [r.edits for r in realized]
     kos = [r.knockout for r in realized]

@@ -34,7 +34,7 @@ log = logging.getLogger("vlmloc")
 CONFIG_FILE = "config.json"
 LOCK_FILE = "run.lock"
 # Top-level keys, or dotted paths, that never change a run's numbers.
-NOT_IN_FINGERPRINT = ("hydra", "paths", "run_name", "batch_size", "batch_tokens", "share_image_prefix", "results", "shard.index", "shard.merge_only",
+NOT_IN_FINGERPRINT = ("hydra", "paths", "run_name", "batch_size", "batch_tokens", "share_image_prefix", "prefetch", "results", "shard.index", "shard.merge_only",
                       "experiment.num_workers",
                       # which attention kernels a GPU may use: the same attention to rounding
                       "model.sdpa_off",

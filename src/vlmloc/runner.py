@@ -166,7 +166,7 @@ class RunContext:
         df = evaluate(self.adapter, samples, tasks, batch_size=int(self.cfg.batch_size), conditions=conditions,
                       skip=skip, sink=sink, flush_seconds=float(self.cfg.results.flush_seconds), resources=self.resources,
                       batch_tokens=None if tokens is None else int(tokens),
-                      share_prefix=bool(self.cfg.share_image_prefix))
+                      share_prefix=bool(self.cfg.share_image_prefix), prefetch=bool(self.cfg.prefetch))
         df = extra(df) if len(df) else df
         return pd.concat([reused, df], ignore_index=True) if len(reused) else df
 

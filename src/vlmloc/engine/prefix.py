@@ -24,7 +24,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from PIL import Image
 from transformers import DynamicCache
 
 from vlmloc.engine.heads import LayerInputs, capture_layer_inputs, run_from_layer
@@ -47,9 +46,10 @@ class SharedPrefix:
 
 
 @torch.no_grad()
-def share_image_prefix(adapter: VLMAdapter, images: Sequence[Image.Image], texts: Sequence[str],
-                       unit_of_row: Sequence[int], new_tokens: int = 0) -> SharedPrefix:
-    """Rows given as units (distinct image and prompt: images[u], texts[u]) and, per row, its unit.
+def share_image_prefix(adapter: VLMAdapter, units: PreparedBatch, unit_of_row: Sequence[int],
+                       new_tokens: int = 0) -> SharedPrefix:
+    """Rows given as units (distinct image and prompt, one row of `units` each: `adapter.prepare`'s
+    output, or `adapter.encode`'s on the host) and, per row, its unit.
 
     One forward pass computes each unit's prefix (its tokens up to the image's end) once; row r's
     cache rows are copies of its unit's, in a cache that grows in place (`engine.kv_cache`) with
@@ -58,10 +58,11 @@ def share_image_prefix(adapter: VLMAdapter, images: Sequence[Image.Image], texts
     `split`; position ids count real tokens only, so each row computes what it would alone, left
     padded. Units must have equally long prefixes (as many visual tokens).
     """
-    units = adapter.prepare(images, texts)
+    units = units.to(adapter.device)
+    n_units = units.batch_size
     mask = units.inputs["attention_mask"].bool()
-    ids = [units.inputs["input_ids"][u][mask[u]] for u in range(len(images))]
-    pads = [int((~mask[u]).sum()) for u in range(len(images))]
+    ids = [units.inputs["input_ids"][u][mask[u]] for u in range(n_units)]
+    pads = [int((~mask[u]).sum()) for u in range(n_units)]
     ends = {int(lay.positions.max()) + 1 - pad for lay, pad in zip(units.layouts, pads)}
     if len(ends) != 1:
         raise ValueError(f"units of one shared-prefix call must have equally long image prefixes, got {sorted(ends)}")

@@ -156,7 +156,7 @@ def classify_missing(
     bs = int(ctx.cfg.batch_size)
     views = [v for s in todo for v in (s, inpainted_view(s, pairs_dir))]  # one call: batches mix both
     df = evaluate(ctx.adapter, views, ["classification"], batch_size=bs, conditions=[Condition("pair_filter")],
-                  classification_mode=settings(ctx.cfg).classification_mode)
+                  classification_mode=settings(ctx.cfg).classification_mode, prefetch=bool(ctx.cfg.prefetch))
     by_id = {r["sample_id"]: r for r in df.to_dict("records")}
     for s in todo:
         o, i = by_id[s.sample_id], by_id[s.sample_id + INPAINTED_SUFFIX]
@@ -183,7 +183,8 @@ def localize_missing(ctx: RunContext, samples: Sequence[Sample], rows: dict[str,
     if not todo:
         return 0
     log.info("localizing %d objects on the original images", len(todo))
-    loc = evaluate(ctx.adapter, todo, ["localization"], batch_size=int(ctx.cfg.batch_size), conditions=[Condition("pair_filter")])
+    loc = evaluate(ctx.adapter, todo, ["localization"], batch_size=int(ctx.cfg.batch_size), conditions=[Condition("pair_filter")],
+                   prefetch=bool(ctx.cfg.prefetch))
     by_id = {r["sample_id"]: r for r in loc.to_dict("records")}
     for s in todo:
         r = by_id[s.sample_id]

@@ -51,6 +51,10 @@ class PreparedBatch:
     def seq_len(self) -> int:
         return int(self.inputs["input_ids"].shape[1])
 
+    def to(self, device: torch.device | str) -> PreparedBatch:
+        """The same batch with its tensors on `device`."""
+        return PreparedBatch(inputs={k: v.to(device) for k, v in self.inputs.items()}, layouts=self.layouts)
+
 
 class VLMAdapter(ABC):
     """Family-independent surface of a loaded VLM. Subclasses fill in the family facts."""
@@ -182,8 +186,10 @@ class VLMAdapter(ABC):
         return ids
 
     # ------------------------------------------------------------------ batches
-    def prepare(self, images: Sequence[Image.Image], texts: Sequence[str]) -> PreparedBatch:
-        """Run the processor with left padding; add left-padding-aware position ids and layouts."""
+    def encode(self, images: Sequence[Image.Image], texts: Sequence[str]) -> PreparedBatch:
+        """The host's part of `prepare`: the processor with left padding, position ids, layouts and
+        pixel values in the model's dtype, all on the CPU. Needs no GPU, so it may run in a worker
+        thread (on a `thread_copy`) while the model computes another batch."""
         enc = self.processor(
             images=list(images), text=list(texts), return_tensors="pt", padding=True, **self.processor_kwargs()
         )
@@ -194,10 +200,25 @@ class VLMAdapter(ABC):
         layouts = [
             self.layout(inputs["input_ids"][i], im.width, im.height) for i, im in enumerate(images)
         ]
-        inputs = {k: v.to(self.device) for k, v in inputs.items()}
-        if "pixel_values" in inputs:
+        if "pixel_values" in inputs:  # rounded here or on the device: the same round-to-nearest-even
             inputs["pixel_values"] = inputs["pixel_values"].to(self.model.dtype)
         return PreparedBatch(inputs=inputs, layouts=layouts)
+
+    def prepare(self, images: Sequence[Image.Image], texts: Sequence[str]) -> PreparedBatch:
+        """Run the processor with left padding; add left-padding-aware position ids and layouts; on the model's device."""
+        return self.encode(images, texts).to(self.device)
+
+    def thread_copy(self) -> VLMAdapter:
+        """This adapter with a processor of its own (made once per processor, then reused), for
+        `encode` in another thread: a fast tokenizer keeps its padding settings in shared state that
+        two threads must not change at once. Model, config and everything else are shared."""
+        held = self.__dict__.get("_processor_copy")
+        if held is None or held[0] is not self.processor:
+            held = (self.processor, copy.deepcopy(self.processor))
+            self.__dict__["_processor_copy"] = held
+        twin = copy.copy(self)
+        twin.processor, twin.tokenizer = held[1], held[1].tokenizer
+        return twin
 
     def position_ids(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
         """Position ids of a processor output: [batch, seq] counting from each row's first real token
