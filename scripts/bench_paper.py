@@ -87,6 +87,9 @@ def main() -> None:
     build_s = build_checkpoint(a.config_dir, a.checkpoint, a.model)
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     common = [f"model={a.model}", f"model.path={a.checkpoint}", "data=synthetic", *a.overrides]
+    # the scene generator's settings (e.g. 640x480 scenes) make the pairs' images; data=pairs has no such node
+    scenes = [o for o in common if o.startswith("data.synthetic.")]
+    on_pairs = [o for o in common if o not in scenes and o != "data=synthetic"]
     pairs_dir, pairs_data = a.out / "pairs", a.out / "data" / "pairs"
     rows = []
     for name in a.experiments.split(","):
@@ -108,7 +111,7 @@ def main() -> None:
         else:
             data = []
             sizes = (n_small, n)
-        args = [*common, *exp, *extra, *data]
+        args = [*(on_pairs if unit == "pair" else common), *exp, *extra, *data]
         # the pairs' images are made once, untimed; other runs make their own scenes (equal cost)
         shared = pairs_data if unit == "pair" else None
         if a.once:
