@@ -8,7 +8,7 @@ from transformers import DynamicCache
 
 from conftest import compose_cfg, noise_image
 from vlmloc.engine.hooks import cache_argument
-from vlmloc.engine.kv_cache import InPlaceLayer, grow_in_place, rows_in_place
+from vlmloc.engine.kv_cache import InPlaceLayer, SharedPrefixLayer, grow_in_place, share_rows
 from vlmloc.engine.readout import generate
 from vlmloc.models import load_adapter
 
@@ -56,22 +56,26 @@ def test_generation_with_the_in_place_cache_equals_the_concatenating_cache(famil
     assert len(set(generate(ad, batch, n))) == 2  # the project's generate runs on it too
 
 
-def test_rows_in_place_equals_batch_selection_then_grows_alike():
+def test_shared_rows_hold_each_prefix_once_and_grow_their_own_positions_alike():
     from transformers import LlamaConfig
 
     config = LlamaConfig(num_hidden_layers=2, hidden_size=8, num_attention_heads=2, num_key_value_heads=2)
     g = torch.Generator().manual_seed(1)
-    a, b = DynamicCache(config=config), DynamicCache(config=config)
+    a = DynamicCache(config=config)
+    prefix = []
     for layer in range(2):
-        k, v = torch.randn(2, 2, 5, 4, generator=g), torch.randn(2, 2, 5, 4, generator=g)
-        a.update(k, v, layer)
-        b.update(k, v, layer)
+        prefix.append((torch.randn(2, 2, 5, 4, generator=g), torch.randn(2, 2, 5, 4, generator=g)))
+        a.update(*prefix[-1], layer)
     idx = torch.tensor([1, 1, 0, 1])
-    rows_in_place(a, idx, 7)
-    b.batch_select_indices(idx)
-    for step in range(3):  # 5 + 3 > 7: the third step doubles the buffer
+    share_rows(a, idx, 2)
+    own: list[list[torch.Tensor]] = [[], []]
+    for step in range(3):  # 3 > 2: the third step doubles the rows' buffers
         for layer in range(2):
             k, v = torch.randn(4, 2, 1, 4, generator=g), torch.randn(4, 2, 1, 4, generator=g)
-            got, want = a.update(k, v, layer), b.update(k, v, layer)
-            assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
-    assert all(isinstance(layer, InPlaceLayer) for layer in a.layers) and a.get_seq_length() == 8
+            own[layer].append(k)
+            got = a.update(k, v, layer)
+            assert torch.equal(got[0], torch.cat(own[layer], dim=2)) and got[1].shape == (4, 2, step + 1, 4)
+    for layer, (k, v) in zip(a.layers, prefix):
+        assert isinstance(layer, SharedPrefixLayer) and torch.equal(layer.prefix_keys, k) and torch.equal(layer.prefix_values, v)
+        assert layer.slot.tolist() == [0, 1, 0, 2] and layer.rows_per_unit == 3
+    assert a.get_seq_length() == 8 and a.get_seq_length(1) == 8

@@ -8,6 +8,7 @@ import pytest
 from conftest import compose_cfg, noise_image
 from vlmloc.engine.hooks import Hooks
 from vlmloc.engine.knockout import Knockout, knockout, post_image_queries
+from vlmloc.engine.kv_cache import SharedPrefixLayer
 from vlmloc.engine.prefix import first_post_image_position, run_prefix, share_image_prefix, suffix_next_token_logprobs
 from vlmloc.engine.readout import generate, next_token_logprobs
 from vlmloc.models import load_adapter
@@ -71,12 +72,15 @@ def test_shared_prefix_generation_equals_full_recomputation(family):
             want_lp = next_token_logprobs(ad, full)
         n_full = len(seen)
         shared = share_image_prefix(ad, ad.encode(images, texts), unit_of_row, new)
-        buffer = shared.cache.layers[0]._buffers[0]
         with knockout(ad, _specs(shared.batch, new)):
             got = generate(ad, shared.batch, new, shared.cache)
-    # the prefix rows went straight into buffers sized for the call: generation never regrew them
-    assert buffer.shape[:3] == (5, buffer.shape[1], shared.batch.seq_len + new)
-    assert shared.cache.layers[0]._buffers[0].data_ptr() == buffer.data_ptr()
+    # each image's prefix is held once, not once per row; the rows' own positions (the rest of the
+    # prompt, the answer) went into buffers sized for the call: generation never regrew them
+    layer = shared.cache.layers[0]
+    kv_heads = ad.text_config.num_key_value_heads
+    assert isinstance(layer, SharedPrefixLayer) and layer.prefix_keys.shape[:3] == (2, kv_heads, shared.split)
+    assert layer._buffers[0].shape[:3] == (5, kv_heads, shared.batch.seq_len - shared.split + new)
+    assert shared.cache.get_seq_length() == shared.batch.seq_len + new - 1  # the last token is not fed back
     prefix_call, suffix_call = seen[n_full], seen[n_full + 1]
     # the prefix computed once per image, then only the rest of the prompt per row
     assert prefix_call == (2, shared.split) and suffix_call == (5, shared.batch.seq_len - shared.split)

@@ -35,6 +35,10 @@ class InPlaceLayer(DynamicLayer):
         layer.capacity, layer._buffers = int(capacity), None  # type: ignore[attr-defined]
         return layer  # type: ignore[return-value]
 
+    def stored(self) -> int:
+        """Positions this layer's own buffers hold (`get_seq_length` may count more: SharedPrefixLayer)."""
+        return 0 if not self.is_initialized or self.keys is None or self.keys.numel() == 0 else int(self.keys.shape[-2])
+
     def _held(self) -> bool:
         """Whether `keys` is still the view of this layer's buffer (not replaced, e.g. by
         batch_select_indices, which indexes a copy)."""
@@ -45,7 +49,7 @@ class InPlaceLayer(DynamicLayer):
                ) -> tuple[torch.Tensor, torch.Tensor]:
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
-        filled = self.get_seq_length()
+        filled = self.stored()
         end = filled + key_states.shape[-2]
         if not self._held() or end > self._buffers[0].shape[-2]:  # type: ignore[index]
             kept = (self.keys, self.values) if filled else (key_states, value_states)
@@ -77,19 +81,53 @@ def grow_in_place(cache: Any, capacity: int) -> Any:
     return cache
 
 
-def rows_in_place(cache: Any, index: torch.Tensor, capacity: int) -> Any:
-    """`cache` holding rows `index` of its rows (a row may repeat: one sample's prefix for many
-    condition rows), each plain DynamicLayer turned into an InPlaceLayer of `capacity` positions.
-    Layer by layer, the selected rows are written straight into the new buffer, so the expanded
-    cache exists once (batch_select_indices followed by a first update would hold it twice)."""
+class SharedPrefixLayer(InPlaceLayer):
+    """The layer of a call whose rows share image prefixes: each prefix's keys and values
+    [units, kv_heads, prefix_len, head_dim] are held once (float32, as attention reads them), row r's
+    being unit `unit_of_row[r]`'s, and `keys` / `values` [rows, kv_heads, *, head_dim] hold only the
+    rows' own positions after the prefix (the rest of the prompt, the answer), in place. Positions
+    count from the prefix's start: `get_seq_length` is prefix_len + the rows' own positions, so masks,
+    position ids and knockouts see the whole sequence. Only `engine.prefix_attention` can attend over
+    such a layer: it reads each unit's prefix once for all of that unit's rows."""
+
+    prefix_keys: torch.Tensor
+    prefix_values: torch.Tensor
+    unit_of_row: torch.Tensor  # [rows] long
+    slot: torch.Tensor  # [rows] long: the row's rank among its unit's rows
+    rows_per_unit: int  # the most rows of one unit
+
+    @property
+    def prefix_len(self) -> int:
+        return int(self.prefix_keys.shape[-2])
+
+    def get_seq_length(self) -> int:
+        return self.prefix_len + self.stored()
+
+    @classmethod
+    def share(cls, layer: DynamicLayer, unit_of_row: torch.Tensor, capacity: int) -> SharedPrefixLayer:
+        """Turn a DynamicLayer holding one prefix per unit into one for rows `unit_of_row` ([rows] long,
+        on the layer's device) with room for `capacity` positions of their own."""
+        keys, values = layer.keys, layer.values
+        shared = cls.adopt(layer, capacity)
+        shared.prefix_keys, shared.prefix_values = keys.float(), values.float()
+        shared.unit_of_row = unit_of_row
+        # a row's rank among the rows of its unit: rows group per unit in one [units, rows_per_unit] grid
+        same = unit_of_row[:, None] == unit_of_row[None, :]
+        shared.slot = (same.tril(-1)).sum(1)
+        shared.rows_per_unit = int(same.sum(1).max())
+        # the rows' own positions start empty; the first update sizes their buffers [rows, ...]
+        shared.keys, shared.values = keys.new_empty(0), values.new_empty(0)
+        return shared
+
+
+def share_rows(cache: Any, unit_of_row: torch.Tensor, capacity: int) -> Any:
+    """`cache` holding one prefix per unit, turned into a cache of rows `unit_of_row` ([rows] long; a
+    unit may serve many rows: one sample under many conditions) with room for `capacity` positions
+    of each row's own: each plain DynamicLayer becomes a SharedPrefixLayer, which holds the prefixes
+    once instead of a copy per row; other layer kinds (sliding windows) get each row's copy."""
     for layer in getattr(cache, "layers", ()):
-        if type(layer) is not DynamicLayer:
-            layer.batch_select_indices(index)
-            continue
-        k, v = layer.keys, layer.values
-        InPlaceLayer.adopt(layer, capacity)
-        if not layer.is_initialized or k.numel() == 0:
-            continue
-        filled = k.shape[-2]
-        layer._rebuffer(k[index], v[index], filled, max(capacity, filled))
+        if type(layer) is DynamicLayer and layer.is_initialized and layer.keys.numel():
+            SharedPrefixLayer.share(layer, unit_of_row, capacity)
+        else:
+            layer.batch_select_indices(unit_of_row)
     return cache

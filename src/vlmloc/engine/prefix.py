@@ -28,7 +28,7 @@ from transformers import DynamicCache
 
 from vlmloc.engine.heads import LayerInputs, capture_layer_inputs, run_from_layer
 from vlmloc.engine.hooks import cache_argument
-from vlmloc.engine.kv_cache import rows_in_place
+from vlmloc.engine.kv_cache import share_rows
 from vlmloc.models.adapter import PreparedBatch, VLMAdapter
 
 SEQUENCE_INPUTS = ("input_ids", "attention_mask", "position_ids")
@@ -51,9 +51,11 @@ def share_image_prefix(adapter: VLMAdapter, units: PreparedBatch, unit_of_row: S
     """Rows given as units (distinct image and prompt, one row of `units` each: `adapter.prepare`'s
     output, or `adapter.encode`'s on the host) and, per row, its unit.
 
-    One forward pass computes each unit's prefix (its tokens up to the image's end) once; row r's
-    cache rows are copies of its unit's, in a cache that grows in place (`engine.kv_cache`) with
-    room for the prompt and `new_tokens` generated tokens. The padding sits between the prefix
+    One forward pass computes each unit's prefix (its tokens up to the image's end) once; the cache
+    holds it once per unit for all the unit's rows (`engine.kv_cache.SharedPrefixLayer`; calls on it
+    attend under `engine.prefix_attention.attend_shared_prefix`, which the readouts enter), and
+    each row's own positions grow in place with room for the rest of the prompt and `new_tokens`
+    generated tokens. The padding sits between the prefix
     and the rest of the prompt, masked out, so every row's prefix ends at the same position
     `split`; position ids count real tokens only, so each row computes what it would alone, left
     padded. Units must have equally long prefixes (as many visual tokens).
@@ -74,7 +76,7 @@ def share_image_prefix(adapter: VLMAdapter, units: PreparedBatch, unit_of_row: S
     cache = DynamicCache(config=adapter.text_config)
     adapter.model(**prefix_inputs, **cache_argument(adapter.model, cache), use_cache=True, logits_to_keep=1)
     longest = max(len(row) for row in ids)
-    rows_in_place(cache, torch.as_tensor(list(unit_of_row), device=prefix_ids.device), longest + int(new_tokens))
+    share_rows(cache, torch.as_tensor(list(unit_of_row), device=prefix_ids.device), longest - split + int(new_tokens))
 
     pad_id = adapter.tokenizer.pad_token_id
     rows_ids, rows_mask, layouts = [], [], []

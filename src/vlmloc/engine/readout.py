@@ -17,6 +17,7 @@ from transformers import DynamicCache
 
 from vlmloc.engine.hooks import cache_argument
 from vlmloc.engine.kv_cache import grow_in_place
+from vlmloc.engine.prefix_attention import attend_shared_prefix
 from vlmloc.models.adapter import PreparedBatch, VLMAdapter
 
 
@@ -31,7 +32,8 @@ def next_token_logprobs(adapter: VLMAdapter, batch: PreparedBatch, cache: Any = 
     else:
         done = cache.get_seq_length()
         inputs = {k: (v if k == "attention_mask" else v[..., done:]) for k, v in batch.inputs.items()}
-        out = adapter.model(**inputs, **cache_argument(adapter.model, cache), use_cache=True, logits_to_keep=1)
+        with attend_shared_prefix(adapter, cache):
+            out = adapter.model(**inputs, **cache_argument(adapter.model, cache), use_cache=True, logits_to_keep=1)
     return torch.log_softmax(out.logits[:, -1].float(), dim=-1)
 
 
@@ -70,15 +72,16 @@ def generate(adapter: VLMAdapter, batch: PreparedBatch, max_new_tokens: int, cac
     eos = adapter.model.generation_config.eos_token_id
     eos_ids = set(eos if isinstance(eos, list) else [eos]) | {tok.eos_token_id}
     eos_ids.discard(None)
-    out = adapter.model.generate(
-        **batch.inputs,
-        max_new_tokens=int(max_new_tokens),
-        do_sample=False,
-        num_beams=1,
-        pad_token_id=tok.pad_token_id,
-        eos_token_id=sorted(eos_ids),
-        **cache_argument(adapter.model, cache),
-    )
+    with attend_shared_prefix(adapter, cache):
+        out = adapter.model.generate(
+            **batch.inputs,
+            max_new_tokens=int(max_new_tokens),
+            do_sample=False,
+            num_beams=1,
+            pad_token_id=tok.pad_token_id,
+            eos_token_id=sorted(eos_ids),
+            **cache_argument(adapter.model, cache),
+        )
     answers = []
     for row in out[:, batch.seq_len :].tolist():
         cut = next((i for i, t in enumerate(row) if t in eos_ids), len(row))
