@@ -83,7 +83,7 @@ def grow_in_place(cache: Any, capacity: int) -> Any:
 
 class SharedPrefixLayer(InPlaceLayer):
     """The layer of a call whose rows share image prefixes: each prefix's keys and values
-    [units, kv_heads, prefix_len, head_dim] are held once (float32, as attention reads them), row r's
+    [units, kv_heads, prefix_len, head_dim] are held once, row r's
     being unit `unit_of_row[r]`'s, and `keys` / `values` [rows, kv_heads, *, head_dim] hold only the
     rows' own positions after the prefix (the rest of the prompt, the answer), in place. Positions
     count from the prefix's start: `get_seq_length` is prefix_len + the rows' own positions, so masks,
@@ -109,7 +109,7 @@ class SharedPrefixLayer(InPlaceLayer):
         on the layer's device) with room for `capacity` positions of their own."""
         keys, values = layer.keys, layer.values
         shared = cls.adopt(layer, capacity)
-        shared.prefix_keys, shared.prefix_values = keys.float(), values.float()
+        shared.prefix_keys, shared.prefix_values = keys, values
         shared.unit_of_row = unit_of_row
         # a row's rank among the rows of its unit: rows group per unit in one [units, rows_per_unit] grid
         same = unit_of_row[:, None] == unit_of_row[None, :]

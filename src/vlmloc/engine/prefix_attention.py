@@ -8,8 +8,9 @@ knows the rows share it: this one puts each unit's rows side by side as one bloc
 one matrix product per unit scores them all against its prefix, and the rows' own positions (the
 rest of the prompt, the answer) are scored per row. One softmax over both, under the call's mask
 [rows, 1, q, prefix + own] (padding, causality, knockouts: the mask covers the whole sequence, so
-knockout hooks act as on any row), and the two weighted sums added. Scores, softmax and sums are
-float32 (the prefix is stored so), as SDPA's kernels keep them; the output is the query's dtype.
+knockout hooks act as on any row), and the two weighted sums added. The numerics are SDPA's
+kernels': operands in the model's dtype, products accumulated in float32, scores and softmax in
+float32, the weights rounded to the values' dtype for their product; the output in the query's.
 
     with attend_shared_prefix(adapter, cache):   # cache from engine.prefix.share_image_prefix
         adapter.model.generate(..., cache)        # under the cache keyword of this release
@@ -24,6 +25,7 @@ adds (the attention modules pass their extra keywords on to the attention functi
 from __future__ import annotations
 
 import contextlib
+import functools
 from collections.abc import Iterator
 from typing import Any
 
@@ -66,7 +68,7 @@ def shared_prefix_attention(query: torch.Tensor, key: torch.Tensor, value: torch
     g = heads // kv_heads  # query heads per key head (GQA): head h reads key head h // g
     unit, slot = layer.unit_of_row, layer.slot
     scale = scaling if scaling is not None else d ** -0.5
-    qf = query.float().reshape(rows, kv_heads, g * q, d)
+    grouped = query.reshape(rows, kv_heads, g * q, d)
 
     def by_unit(x: torch.Tensor) -> torch.Tensor:
         """[rows, kv_heads, g * q, n] -> [units, kv_heads, rows_per_unit * g * q, n], absent rows zero."""
@@ -78,8 +80,9 @@ def shared_prefix_attention(query: torch.Tensor, key: torch.Tensor, value: torch
         """by_unit's inverse: [units, kv_heads, rows_per_unit * g * q, n] -> [rows, kv_heads, g * q, n]."""
         return x.view(units, kv_heads, m, g * q, x.shape[-1]).transpose(1, 2)[unit, slot]
 
-    prefix_scores = by_row(by_unit(qf) @ layer.prefix_keys.transpose(-1, -2))
-    scores = torch.cat([prefix_scores, qf @ key.float().transpose(-1, -2)], -1).mul_(scale).view(rows, heads, q, p + s)
+    prefix_scores = by_row(_matmul32(by_unit(grouped), layer.prefix_keys.transpose(-1, -2)))
+    own_scores = _matmul32(grouped, key.transpose(-1, -2))
+    scores = torch.cat([prefix_scores, own_scores], -1).mul_(scale).view(rows, heads, q, p + s)
     if mask is None:
         k = torch.arange(p + s, device=query.device)
         mask = k[None, :] <= torch.arange(p + s - q, p + s, device=query.device)[:, None]
@@ -87,9 +90,30 @@ def shared_prefix_attention(query: torch.Tensor, key: torch.Tensor, value: torch
         scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min)  # never -inf: no NaN rows
     else:
         scores = scores + mask.float()
-    weights = torch.softmax(scores, dim=-1).view(rows, kv_heads, g * q, p + s)
-    out = by_row(by_unit(weights[..., :p].contiguous()) @ layer.prefix_values) + weights[..., p:] @ value.float()
+    # the weights in the values' dtype, as SDPA's kernels multiply them
+    weights = torch.softmax(scores, dim=-1).to(value.dtype).view(rows, kv_heads, g * q, p + s)
+    out = by_row(_matmul32(by_unit(weights[..., :p]), layer.prefix_values)) + _matmul32(weights[..., p:], value)
     return out.view(rows, heads, q, d).transpose(1, 2).to(query.dtype).contiguous()
+
+
+def _matmul32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """a [..., n, k] @ b [..., k, m] in float32: half-precision operands multiplied with float32
+    accumulation and output where the GPU's batched product offers it (torch.bmm's out_dtype), so no
+    float32 copy of the keys and values is made; else on float32 copies."""
+    if a.dtype in (torch.bfloat16, torch.float16) and _bmm_to_float32(a.device):
+        out = torch.bmm(a.reshape(-1, *a.shape[-2:]), b.reshape(-1, *b.shape[-2:]), out_dtype=torch.float32)
+        return out.view(*a.shape[:-1], b.shape[-1])
+    return a.float() @ b.float()
+
+
+@functools.cache
+def _bmm_to_float32(device: torch.device) -> bool:
+    """Whether torch.bmm multiplies half-precision operands into float32 on this device (CUDA, recent torch)."""
+    one = torch.ones(1, 1, 1, dtype=torch.bfloat16, device=device)
+    try:
+        return torch.bmm(one, one, out_dtype=torch.float32).dtype == torch.float32
+    except (TypeError, RuntimeError, NotImplementedError):
+        return False
 
 
 AttentionInterface.register(NAME, attend)
