@@ -69,9 +69,18 @@ def names_category(answer: str, category: str, table: Mapping[str, Iterable[str]
                    extra: Iterable[str] = ()) -> bool:
     """Whether `answer` names `category` (its table forms, or just its name when the table lacks
     it, plus `extra` forms, e.g. a sample's own synonyms)."""
-    merged = {k: tuple(v) for k, v in table.items()}
-    merged[category] = tuple(dict.fromkeys([*merged.get(category, (category.lower(),)), *(e.lower() for e in extra)]))
+    items = tuple((k, tuple(v)) for k, v in table.items())
+    pattern, norm = _pattern(_with_forms(items, category, tuple(e.lower() for e in extra)))
+    return any(norm[_spaced(m.group(1).lower())] == category for m in pattern.finditer(answer))
+
+
+# Merged once per (table, category, extra forms): a knockout run scores 77 answers of each object.
+@functools.lru_cache(maxsize=4096)
+def _with_forms(table: tuple[tuple[str, tuple[str, ...]], ...], category: str, extra: tuple[str, ...]
+                ) -> tuple[tuple[str, tuple[str, ...]], ...]:
+    """The table with `extra` forms added to `category` (created when the table lacks it)."""
+    merged = dict(table)
+    merged[category] = tuple(dict.fromkeys([*merged.get(category, (category.lower(),)), *extra]))
     # an extra form another category also lists stays with the queried one
     taken = set(merged[category])
-    merged = {k: (v if k == category else tuple(f for f in v if f not in taken)) for k, v in merged.items()}
-    return category in named_categories(answer, merged)
+    return tuple((k, v if k == category else tuple(f for f in v if f not in taken)) for k, v in merged.items())
