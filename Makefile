@@ -45,7 +45,7 @@ fig4:  ## causal mediation per head, e.g. make fig4 MODEL=llava7b ARGS="data.pai
 fig2:  ## position probes (Fig. 2, 11): make fig2 MODEL=llava7b [IMAGENET=/data/imagenet]; tiny models use the synthetic scenes
 	$(PY) -m vlmloc experiment=position_probe model=$(MODEL) $(if $(filter tiny_% demo_%,$(MODEL)),data=synthetic,data=imagenet data.root=$(IMAGENET) batch_size=16 experiment.num_workers=8) $(ARGS)
 
-fig3:  ## attention knockout (Fig. 3, 12), e.g. make fig3 MODEL=llava7b DATA=coco ARGS="data.root=/data/coco"
+fig3:  ## attention knockout (Fig. 3, 12), e.g. make fig3 MODEL=llava7b DATA=coco ARGS="data.root=/data/coco batch_size=960" (80 GB GPU)
 	$(PY) -m vlmloc experiment=knockout model=$(MODEL) data=$(DATA) $(ARGS)
 
 fig5:  ## head ablation (Fig. 5, 15) from a cma run, e.g. make fig5 MODEL=llava7b DATA=coco ARGS="data.root=/data/coco experiment.cma_dir=outputs/cma-llava7b-pairs"
