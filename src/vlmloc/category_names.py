@@ -57,7 +57,11 @@ def _pattern(table: tuple[tuple[str, tuple[str, ...]], ...]) -> tuple[re.Pattern
 def named_categories(answer: str, table: Mapping[str, Iterable[str]]) -> set[str]:
     """The categories of `table` that `answer` names (each form on word boundaries; a space in a
     form also matches a hyphen or several spaces: "hot-dog", "cell  phone")."""
-    pattern, norm = _pattern(tuple((k, tuple(v)) for k, v in table.items()))
+    return _named(answer, tuple((k, tuple(v)) for k, v in table.items()))
+
+
+def _named(answer: str, table: tuple[tuple[str, tuple[str, ...]], ...]) -> set[str]:
+    pattern, norm = _pattern(table)
     return {norm[_spaced(m.group(1).lower())] for m in pattern.finditer(answer)}
 
 
@@ -70,8 +74,7 @@ def names_category(answer: str, category: str, table: Mapping[str, Iterable[str]
     """Whether `answer` names `category` (its table forms, or just its name when the table lacks
     it, plus `extra` forms, e.g. a sample's own synonyms)."""
     items = tuple((k, tuple(v)) for k, v in table.items())
-    pattern, norm = _pattern(_with_forms(items, category, tuple(e.lower() for e in extra)))
-    return any(norm[_spaced(m.group(1).lower())] == category for m in pattern.finditer(answer))
+    return category in _named(answer, _with_forms(items, category, tuple(e.lower() for e in extra)))
 
 
 # Merged once per (table, category, extra forms): a knockout run scores 77 answers of each object.

@@ -19,7 +19,10 @@ Inside the block the language model's attention implementation is `NAME`, regist
 transformers' attention and mask interfaces (SDPA's mask: bool, True = attend); a layer that
 holds no shared prefix (or any call outside the block) runs transformers' SDPA unchanged. The
 layer reaches the attention function as a keyword argument that a pre-hook on each `self_attn`
-adds (the attention modules pass their extra keywords on to the attention function).
+adds through the hook core (the attention modules pass their extra keywords on to the attention
+function). `attend` has transformers' attention-function signature (module, query, key, value,
+mask, dropout, scaling, **kwargs; the same in 5.17-5.25) and reads no other keyword. Only
+full-attention layers are shared (`kv_cache.share_rows`), so no sliding window applies here.
 """
 
 from __future__ import annotations
@@ -51,8 +54,6 @@ def attend(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, valu
     if shared_prefix is None:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       **kwargs)
-    if kwargs.get("sliding_window") is not None:
-        raise ValueError("a shared image prefix needs full attention; this layer has a sliding window")
     return shared_prefix_attention(query, key, value, attention_mask, shared_prefix, scaling), None
 
 
@@ -60,8 +61,9 @@ def shared_prefix_attention(query: torch.Tensor, key: torch.Tensor, value: torch
                             layer: SharedPrefixLayer, scaling: float | None = None) -> torch.Tensor:
     """[rows, q, heads, head_dim] attention of query [rows, heads, q, head_dim] over each row's unit's
     prefix (layer.prefix_keys / prefix_values [units, kv_heads, p, head_dim]) followed by its own
-    positions key / value [rows, kv_heads, s, head_dim]; mask [rows, 1, q, p + s] (bool: True =
-    attend; float: added) or None (causal: the queries are the last q positions)."""
+    positions key / value [rows, kv_heads, s, head_dim]; mask [rows, 1, q, p + s] bool (True =
+    attend: SDPA's mask, which `NAME` is registered with) or None (causal: the queries are the last
+    q positions)."""
     rows, heads, q, d = query.shape
     units, kv_heads, p, _ = layer.prefix_keys.shape
     s, m = key.shape[-2], layer.rows_per_unit
@@ -86,10 +88,7 @@ def shared_prefix_attention(query: torch.Tensor, key: torch.Tensor, value: torch
     if mask is None:
         k = torch.arange(p + s, device=query.device)
         mask = k[None, :] <= torch.arange(p + s - q, p + s, device=query.device)[:, None]
-    if mask.dtype == torch.bool:
-        scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min)  # never -inf: no NaN rows
-    else:
-        scores = scores + mask.float()
+    scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min)  # never -inf: no NaN rows
     # the weights in the values' dtype, as SDPA's kernels multiply them
     weights = torch.softmax(scores, dim=-1).to(value.dtype).view(rows, kv_heads, g * q, p + s)
     out = by_row(_matmul32(by_unit(weights[..., :p]), layer.prefix_values)) + _matmul32(weights[..., p:], value)
