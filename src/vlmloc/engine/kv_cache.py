@@ -104,17 +104,15 @@ class SharedPrefixLayer(InPlaceLayer):
         return self.prefix_len + self.stored()
 
     @classmethod
-    def share(cls, layer: DynamicLayer, unit_of_row: torch.Tensor, capacity: int) -> SharedPrefixLayer:
+    def share(cls, layer: DynamicLayer, unit_of_row: torch.Tensor, slot: torch.Tensor, rows_per_unit: int,
+              capacity: int) -> SharedPrefixLayer:
         """Turn a DynamicLayer holding one prefix per unit into one for rows `unit_of_row` ([rows] long,
-        on the layer's device) with room for `capacity` positions of their own."""
+        on the layer's device; `slot`, `rows_per_unit`: `share_rows`'s grouping) with room for
+        `capacity` positions of their own."""
         keys, values = layer.keys, layer.values
         shared = cls.adopt(layer, capacity)
         shared.prefix_keys, shared.prefix_values = keys, values
-        shared.unit_of_row = unit_of_row
-        # a row's rank among the rows of its unit: rows group per unit in one [units, rows_per_unit] grid
-        same = unit_of_row[:, None] == unit_of_row[None, :]
-        shared.slot = (same.tril(-1)).sum(1)
-        shared.rows_per_unit = int(same.sum(1).max())
+        shared.unit_of_row, shared.slot, shared.rows_per_unit = unit_of_row, slot, rows_per_unit
         # the rows' own positions start empty; the first update sizes their buffers [rows, ...]
         shared.keys, shared.values = keys.new_empty(0), values.new_empty(0)
         return shared
@@ -125,9 +123,13 @@ def share_rows(cache: Any, unit_of_row: torch.Tensor, capacity: int) -> Any:
     unit may serve many rows: one sample under many conditions) with room for `capacity` positions
     of each row's own: each plain DynamicLayer becomes a SharedPrefixLayer, which holds the prefixes
     once instead of a copy per row; other layer kinds (sliding windows) get each row's copy."""
+    # a row's rank among the rows of its unit: rows group per unit in one [units, rows_per_unit] grid;
+    # the same for every layer, so computed once (one wait for the GPU per call, not one per layer)
+    same = unit_of_row[:, None] == unit_of_row[None, :]
+    slot, rows_per_unit = same.tril(-1).sum(1), int(same.sum(1).max())
     for layer in getattr(cache, "layers", ()):
         if type(layer) is DynamicLayer and layer.is_initialized and layer.keys.numel():
-            SharedPrefixLayer.share(layer, unit_of_row, capacity)
+            SharedPrefixLayer.share(layer, unit_of_row, slot, rows_per_unit, capacity)
         else:
             layer.batch_select_indices(unit_of_row)
     return cache

@@ -55,10 +55,10 @@ def share_image_prefix(adapter: VLMAdapter, units: PreparedBatch, unit_of_row: S
     holds it once per unit for all the unit's rows (`engine.kv_cache.SharedPrefixLayer`; calls on it
     attend under `engine.prefix_attention.attend_shared_prefix`, which the readouts enter), and
     each row's own positions grow in place with room for the rest of the prompt and `new_tokens`
-    generated tokens. The padding sits between the prefix
-    and the rest of the prompt, masked out, so every row's prefix ends at the same position
-    `split`; position ids count real tokens only, so each row computes what it would alone, left
-    padded. Units must have equally long prefixes (as many visual tokens).
+    generated tokens. The padding sits between the prefix and the rest of the prompt, masked out,
+    so every row's prefix ends at the same position `split`; position ids count real tokens only,
+    so each row computes what it would alone, left padded. Units must have equally long prefixes
+    (as many visual tokens).
     """
     units = units.to(adapter.device)
     n_units = units.batch_size
